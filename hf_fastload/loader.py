@@ -1,0 +1,295 @@
+"""``fast_from_pretrained``: ``from_pretrained`` with hf_fastload's bytes path, checked after every load.
+
+Example:
+    ```python
+    import hf_fastload
+    from transformers import AutoModelForCausalLM
+
+    model = hf_fastload.fast_from_pretrained("path/to/llama", model_class=AutoModelForCausalLM, dtype="float32")
+    print(hf_fastload.last_report())
+    ```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from .errors import CheckpointContentError, CheckpointFileError, FallbackRequiredError, VerificationError
+from .report import LoadReport, _set_last_report
+
+__all__ = ["fast_from_pretrained"]
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+# Keyword arguments of from_pretrained that locate files; the same ones go to AutoConfig when we need the config.
+_HUB_KWARGS = (
+    "cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies",
+    "trust_remote_code", "code_revision",
+)  # fmt: skip
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def _logger():
+    from transformers.utils import logging
+
+    return logging.get_logger("transformers.hf_fastload")
+
+
+def _resolve_class(model_class, source, kwargs):
+    """The class whose from_pretrained runs: the one given, else the config's architectures[0], else AutoModel."""
+    import transformers
+
+    if model_class is not None:
+        return model_class, None
+    config = kwargs.get("config")
+    if config is None or isinstance(config, (str, os.PathLike)):
+        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        config = transformers.AutoConfig.from_pretrained(config or source, **hub)
+    for arch in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, arch, None)
+        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+            return cls, config
+    return transformers.AutoModel, config
+
+
+def _fallback_reason(source, kwargs, config) -> str | None:
+    """Why the fast path cannot take this load, or None. Checked before loading anything."""
+    from . import compat
+
+    if kwargs.get("state_dict") is not None:
+        return "a state_dict was passed: there are no files to read"
+    if kwargs.get("gguf_file"):
+        return "GGUF checkpoints are dequantized by transformers"
+    for flag in ("from_tf", "from_flax"):
+        if kwargs.get(flag):
+            return f"{flag}=True: TensorFlow/Flax weights are converted by transformers"
+    if kwargs.get("use_safetensors") is False:
+        return "use_safetensors=False: pickle checkpoints are read by torch.load"
+    if kwargs.get("quantization_config") is not None or getattr(config, "quantization_config", None) is not None:
+        return "quantized model (quantization_config): weights are handled by the quantizer"
+    if kwargs.get("adapter_kwargs") or kwargs.get("adapter_name") or kwargs.get("_adapter_model_path"):
+        return "adapter (PEFT) loading"
+    for key in ("tp_plan", "tp_size", "device_mesh", "distributed_config"):
+        if kwargs.get(key) is not None:
+            return f"{key}: tensor-parallel loads are not on the fast path yet"
+    device_map = kwargs.get("device_map")
+    if isinstance(device_map, dict) and "disk" in device_map.values():
+        return "device_map offloads to disk"
+    if kwargs.get("offload_folder") or kwargs.get("offload_state_dict"):
+        return "disk offloading"
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return "DeepSpeed ZeRO-3 partitions weights itself"
+    if not compat.TRANSFORMERS_V5:
+        from transformers.modeling_utils import is_fsdp_enabled
+
+        if is_fsdp_enabled():
+            return "FSDP: only local rank 0 reads weights"
+        if _env_true("HF_ENABLE_PARALLEL_LOADING"):
+            return "HF_ENABLE_PARALLEL_LOADING: transformers 4.57 loads shards from its own threads"
+    if os.path.isdir(source):
+        folder = os.path.join(source, kwargs.get("subfolder") or "")
+        if os.path.isfile(os.path.join(folder, "adapter_config.json")) and not any(
+            os.path.isfile(os.path.join(folder, n)) for n in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
+        ):
+            return "adapter (PEFT) checkpoint"
+    return None
+
+
+def check_local_checkpoint(folder: str) -> None:
+    """For a local folder with a safetensors index: the index parses, and every shard it names exists.
+
+    transformers would fail on these too, later and with a message that does not name our problem.
+    """
+    index_path = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    if not os.path.isfile(index_path):
+        return
+    try:
+        with open(index_path, encoding="utf-8") as fh:
+            index = json.load(fh)
+        weight_map = index["weight_map"]
+        shards = set(weight_map.values())
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointFileError(f"cannot read safetensors index {index_path}: {e}") from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointContentError(
+            f"invalid safetensors index {index_path}: expected a JSON object with a 'weight_map' of tensor name to "
+            f"shard file, found an error: {e!r}"
+        ) from None
+    for shard in sorted(shards):
+        if not isinstance(shard, str) or not os.path.isfile(os.path.join(folder, shard)):
+            names = sorted(k for k, v in weight_map.items() if v == shard)[:3]
+            raise CheckpointFileError(
+                f"{index_path} names shard {shard!r} (holding e.g. {names}) but {os.path.join(folder, str(shard))} "
+                "does not exist"
+            )
+
+
+def _shape_error(error: Exception, ctx) -> CheckpointContentError | None:
+    """Turns transformers' size-mismatch error into ours, naming the checkpoint file of each tensor."""
+    text = str(error)
+    if "size mismatch" not in text and "mismatched" not in text.lower():
+        return None
+    located = []
+    for handle in list(ctx.files.values()):
+        for name, info in handle.tensors.items():
+            if name in text:
+                located.append(f"{name!r} in {handle.path} has shape {list(info.shape)}")
+    where = "; ".join(sorted(set(located))[:5]) or "see below"
+    return CheckpointContentError(
+        f"checkpoint tensor shapes do not match the model built from the config: {where}. transformers said: {text}. "
+        "Fix the config or the checkpoint, or pass ignore_mismatched_sizes=True to re-initialize those weights."
+    )
+
+
+def _how_initialized(model, missing: list[str]) -> dict[str, str]:
+    """For each missing key: tied to a loaded tensor, or initialized by the model's _init_weights."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    by_ptr: dict[int, str] = {}
+    for name, t in tensors.items():
+        if name not in missing and not t.is_meta and t.numel():
+            by_ptr.setdefault(t.data_ptr(), name)
+    how = {}
+    for key in missing:
+        t = tensors.get(key)
+        partner = by_ptr.get(t.data_ptr()) if t is not None and not t.is_meta and t.numel() else None
+        how[key] = f"tied to {partner}" if partner else f"{type(model).__name__}._init_weights"
+    return how
+
+
+def verify(model, info: dict, ctx) -> None:
+    """Raises VerificationError unless every parameter and buffer holds real data that was loaded or initialized."""
+    left = [
+        name
+        for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
+        if t.is_meta
+    ]
+    if left:
+        raise VerificationError(
+            f"{type(model).__name__}: {len(left)} tensor(s) still on the meta device after loading, e.g. {left[:5]}; "
+            "they were neither in the checkpoint nor initialized. The model was not returned."
+        )
+    errors = list(info.get("error_msgs") or []) + list((info.get("conversion_errors") or {}).values())
+    if errors:
+        raise VerificationError(f"{type(model).__name__}: transformers reported load errors: {errors[:3]}")
+
+
+def fast_from_pretrained(
+    pretrained_model_name_or_path: str | os.PathLike,
+    *model_args: Any,
+    model_class: Any = None,
+    strict: bool | None = None,
+    **kwargs: Any,
+):
+    """Loads a model like ``model_class.from_pretrained``, reading the safetensors bytes with hf_fastload's engine.
+
+    Args:
+        pretrained_model_name_or_path (`str` or `os.PathLike`): a local folder, or a hub id already in the HF cache.
+        *model_args: passed to ``from_pretrained``.
+        model_class (`type`, *optional*): an Auto class or a concrete model class. Defaults to the class named in the
+            config's ``architectures[0]``, else ``AutoModel``.
+        strict (`bool`, *optional*): raise `FallbackRequiredError` instead of falling back to stock loading.
+            Defaults to the ``HF_FASTLOAD_STRICT`` environment variable.
+        **kwargs: every keyword ``from_pretrained`` takes (``dtype``, ``device_map``, ``revision``, ...), with the
+            same meaning and defaults as in the installed transformers.
+
+    Returns:
+        The model, or ``(model, loading_info)`` with ``output_loading_info=True``, as ``from_pretrained`` returns.
+
+    Example:
+        ```python
+        model = fast_from_pretrained("./tiny-llama", dtype="float32")
+        ```
+    """
+    from . import compat, engine
+
+    t0 = time.perf_counter()
+    source = os.fspath(pretrained_model_name_or_path)
+    strict = _env_true("HF_FASTLOAD_STRICT") if strict is None else strict
+    knobs = engine.settings()
+    report = LoadReport(source=source, transformers_version=compat.transformers.__version__, threads=knobs["threads"])
+    _set_last_report(report)
+
+    cls, config = _resolve_class(model_class, source, kwargs)
+    report.model_class = cls.__name__
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    report.dtype = str(dtype) if dtype is not None else "default"
+    device_map = kwargs.get("device_map")
+    report.device = str(device_map) if device_map is not None else "cpu"
+    reason = _fallback_reason(source, kwargs, config)
+    if reason is None and os.path.isdir(source):
+        check_local_checkpoint(os.path.join(source, kwargs.get("subfolder") or ""))
+    if reason is not None:
+        return _fallback(cls, source, model_args, kwargs, report, reason, strict, t0)
+
+    want_info = kwargs.pop("output_loading_info", False)
+    prefer_pread = False
+    if compat.HAS_DISABLE_MMAP and kwargs.get("disable_mmap"):
+        prefer_pread, kwargs["disable_mmap"] = True, False  # we read with pread; stock would read whole files
+    ctx = engine.LoadContext(io=knobs["io"], threads=knobs["threads"], prefer_pread=prefer_pread)
+    t_build = time.perf_counter()
+    try:
+        with compat.hooks(ctx):
+            model, info = cls.from_pretrained(source, *model_args, output_loading_info=True, **kwargs)
+    except Exception as e:
+        if ctx.errors:
+            raise ctx.errors[0] from e
+        mismatch = _shape_error(e, ctx)
+        if mismatch is not None:
+            raise mismatch from e
+        raise
+    finally:
+        ctx.close()
+    t_end_load = time.perf_counter()
+    if ctx.errors:  # transformers 5 records per-tensor errors instead of raising; never return that model
+        raise ctx.errors[0]
+
+    report.files = sorted({h.path for h in ctx.files.values()})
+    report.bytes_read, report.tensors_loaded, report.zero_copy = ctx.bytes_read, ctx.tensors, ctx.zero_copy
+    if ctx.io_used:
+        modes = sorted(set(ctx.io_used.values()))
+        report.io = "+".join(sorted({m.split(":")[0] for m in modes}))
+        report.io_reason = "; ".join(m.split(": ", 1)[1] for m in modes)
+    if ctx.tensors == 0:
+        why = "the checkpoint has no safetensors weights that hf_fastload could read (transformers loaded it)"
+        if strict:
+            raise FallbackRequiredError(f"{source}: {why}; strict mode forbids the fallback")
+        report.path, report.reason = "fallback", why
+        _logger().warning(f"hf_fastload: {source}: fell back to stock from_pretrained: {why}")
+
+    verify(model, info, ctx)
+    report.missing_keys = _how_initialized(model, sorted(info.get("missing_keys") or []))
+    report.unexpected_keys = sorted(info.get("unexpected_keys") or [])
+    report.mismatched_keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or [])
+    t_done = time.perf_counter()
+    first = ctx.first if ctx.first is not None else t_end_load
+    last = ctx.last if ctx.last is not None else t_end_load
+    report.seconds = {
+        "resolve": t_build - t0,
+        "build": max(0.0, first - t_build),
+        "read": max(0.0, last - first),
+        "finalize": max(0.0, t_done - last),
+        "total": t_done - t0,
+    }
+    if _env_true("HF_FASTLOAD_VERBOSE"):
+        _logger().warning(str(report))
+    return (model, info) if want_info else model
+
+
+def _fallback(cls, source, model_args, kwargs, report, reason, strict, t0):
+    if strict:
+        raise FallbackRequiredError(f"{source}: the fast path cannot load this model: {reason}")
+    _logger().warning(f"hf_fastload: {source}: falling back to stock from_pretrained: {reason}")
+    report.path, report.reason, report.io, report.io_reason = "fallback", reason, "stock", reason
+    out = cls.from_pretrained(source, *model_args, **kwargs)
+    report.seconds = {"total": time.perf_counter() - t0}
+    return out

@@ -1,0 +1,102 @@
+"""What one load did: :class:`LoadReport`, and :func:`last_report` for this thread's last load.
+
+Example:
+    ```python
+    import hf_fastload
+
+    model = hf_fastload.fast_from_pretrained("path/to/model", dtype="float32")
+    report = hf_fastload.last_report()
+    print(report)            # one short paragraph
+    report.to_dict()         # JSON-ready
+    ```
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["LoadReport", "last_report"]
+
+PHASES = ("resolve", "build", "read", "finalize")
+
+
+@dataclass
+class LoadReport:
+    """The record of one `fast_from_pretrained` call.
+
+    Attributes:
+        source (`str`): the name or path that was loaded.
+        model_class (`str`): the class whose `from_pretrained` ran.
+        path (`str`): `"fast"` when every checkpoint tensor went through hf_fastload's reader, else `"fallback"`.
+        reason (`str`, *optional*): why the load fell back to stock `from_pretrained`.
+        io (`str`): how bytes were read (`"mmap"` or `"pread"`), and `io_reason` why.
+        files (`list[str]`): checkpoint files opened.
+        bytes_read (`int`): tensor bytes read from them.
+        tensors_loaded (`int`): tensors materialized; `zero_copy` of them are views of the file mapping.
+        missing_keys (`dict[str, str]`): model keys the checkpoint lacks, and how each was initialized.
+        unexpected_keys, mismatched_keys (`list[str]`): as transformers reports them.
+        seconds (`dict[str, float]`): wall time of the phases `resolve`, `build`, `read`, `finalize`, and `total`.
+    """
+
+    source: str
+    model_class: str = ""
+    path: str = "fast"
+    reason: str | None = None
+    transformers_version: str = ""
+    device: str = "cpu"
+    dtype: str = ""
+    io: str = "mmap"
+    io_reason: str = ""
+    threads: int = 1
+    files: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    tensors_loaded: int = 0
+    zero_copy: int = 0
+    missing_keys: dict[str, str] = field(default_factory=dict)
+    unexpected_keys: list[str] = field(default_factory=list)
+    mismatched_keys: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gb_per_s(self) -> float:
+        """Bytes read over the read phase's wall time, in GB/s (0 when nothing was read)."""
+        read = self.seconds.get("read", 0.0)
+        return self.bytes_read / read / 1e9 if read > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gb_per_s"] = round(self.gb_per_s, 3)
+        return d
+
+    def __str__(self) -> str:
+        head = f"hf_fastload: {self.model_class} from {self.source}: path={self.path}"
+        if self.reason:
+            head += f" ({self.reason})"
+        phases = ", ".join(f"{k} {self.seconds[k]:.3f}s" for k in (*PHASES, "total") if k in self.seconds)
+        lines = [
+            head,
+            f"  {self.tensors_loaded} tensors ({self.zero_copy} zero-copy), {self.bytes_read / 2**20:.1f} MiB from "
+            f"{len(self.files)} file(s), io={self.io}, {self.threads} threads, {self.gb_per_s:.2f} GB/s",
+            f"  {phases}",
+        ]
+        if self.missing_keys:
+            shown = ", ".join(f"{k} ({v})" for k, v in list(self.missing_keys.items())[:5])
+            more = f" and {len(self.missing_keys) - 5} more" if len(self.missing_keys) > 5 else ""
+            lines.append(f"  missing from the checkpoint: {shown}{more}")
+        if self.unexpected_keys:
+            lines.append(f"  unexpected in the checkpoint: {len(self.unexpected_keys)} key(s)")
+        return "\n".join(lines)
+
+
+_local = threading.local()
+
+
+def _set_last_report(report: LoadReport) -> None:
+    _local.report = report
+
+
+def last_report() -> LoadReport | None:
+    """The :class:`LoadReport` of this thread's last `fast_from_pretrained` call, or `None` before the first."""
+    return getattr(_local, "report", None)
