@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny real models saved with save_pretrained, and a guard that no test leaves a patch behind."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from models import build_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """checkpoints(kind, dtype, sharded) -> folder, built once per session."""
+    cache: dict[tuple, str] = {}
+    root = tmp_path_factory.mktemp("ckpt")
+
+    def get(kind: str, dtype: torch.dtype = torch.float32, sharded: bool = False, **options) -> str:
+        key = (kind, dtype, sharded, tuple(sorted(options.items())))
+        if key not in cache:
+            folder = root / f"{kind}-{str(dtype).split('.')[-1]}-{'sharded' if sharded else 'single'}-{len(cache)}"
+            cache[key] = build_checkpoint(kind, str(folder), dtype, sharded, **options)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def no_patch_left_behind():
+    """Fails a test that leaves hf_fastload's patches installed."""
+    import torch.nn as nn
+
+    from hf_fastload import compat, noinit
+
+    linear_reset = nn.Linear.__dict__["reset_parameters"]
+    normal = nn.init.normal_
+    yield
+    assert compat._users == 0 and not compat._saved, "transformers hooks left installed"
+    assert noinit._users == 0 and not noinit._global, "init patches left installed"
+    assert nn.Linear.__dict__["reset_parameters"] is linear_reset
+    assert nn.init.normal_ is normal
