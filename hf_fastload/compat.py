@@ -96,7 +96,12 @@ def _patch_load_into_meta_model(original):
     ):
         ctx = active_context()
         hf_quantizer = kwargs.get("hf_quantizer")
-        if ctx is not None and hf_quantizer is None and kwargs.get("device_mesh") is None:
+        if (
+            ctx is not None
+            and str(shard_file).endswith(".safetensors")
+            and hf_quantizer is None
+            and kwargs.get("device_mesh") is None
+        ):
             keep_in_fp32_regex = kwargs.get("keep_in_fp32_regex")
             handle = ctx.open(shard_file)
             for param_name, empty_param in state_dict.items():

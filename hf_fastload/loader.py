@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from typing import Any
 
@@ -29,6 +30,11 @@ _HUB_KWARGS = (
     "trust_remote_code", "code_revision",
 )  # fmt: skip
 SAFE_WEIGHTS_NAME = "model.safetensors"
+# transformers' from_pretrained is not thread-safe: it builds models under process-wide patches (accelerate's
+# init_empty_weights on 4.57, init-function guards on 5.x), and two concurrent stock loads return models with
+# tensors left on the meta device (seen in 10 of 10 trials with three tiny models on both versions). Our loads
+# take turns inside from_pretrained; each still reads its bytes with all the engine's threads.
+LOAD_LOCK = threading.RLock()
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -133,20 +139,42 @@ def check_local_checkpoint(folder: str) -> None:
             )
 
 
-def _shape_error(error: Exception, ctx) -> CheckpointContentError | None:
-    """Turns transformers' size-mismatch error into ours, naming the checkpoint file of each tensor."""
+def _shape_error(error: Exception, ctx, cls, source: str, kwargs: dict) -> CheckpointContentError | None:
+    """Turns transformers' size-mismatch error into ours, naming each tensor, its file, and both shapes."""
     text = str(error)
     if "size mismatch" not in text and "mismatched" not in text.lower():
         return None
-    located = []
+    expected: dict[str, tuple] = {}
+    prefix = ""
+    try:  # the model as built from the config, on the meta device: cheap, and it has the expected shapes
+        import torch
+        import transformers
+
+        config = kwargs.get("config")
+        if config is None or isinstance(config, (str, os.PathLike)):
+            hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            config = transformers.AutoConfig.from_pretrained(config or source, **hub)
+        with torch.device("meta"):
+            meta = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+        expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+        prefix = getattr(meta, "base_model_prefix", "") or ""
+    except Exception:  # the explanation is best effort; transformers' own message is kept below
+        pass
+    found = []
     for handle in list(ctx.files.values()):
         for name, info in handle.tensors.items():
-            if name in text:
-                located.append(f"{name!r} in {handle.path} has shape {list(info.shape)}")
-    where = "; ".join(sorted(set(located))[:5]) or "see below"
+            for key in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
+                if key in expected and expected[key] != tuple(info.shape):
+                    found.append(
+                        f"tensor {name!r} in {handle.path} has shape {list(info.shape)}, "
+                        f"the model expects {list(expected[key])}"
+                    )
+                    break
+    where = "; ".join(sorted(set(found))[:5]) if found else "(transformers' report above lists them)"
     return CheckpointContentError(
-        f"checkpoint tensor shapes do not match the model built from the config: {where}. transformers said: {text}. "
-        "Fix the config or the checkpoint, or pass ignore_mismatched_sizes=True to re-initialize those weights."
+        f"checkpoint tensor shapes do not match the model built from the config: {where}. "
+        "Fix the config or the checkpoint, or pass ignore_mismatched_sizes=True to re-initialize those weights. "
+        f"transformers said: {text}"
     )
 
 
@@ -238,12 +266,12 @@ def fast_from_pretrained(
     ctx = engine.LoadContext(io=knobs["io"], threads=knobs["threads"], prefer_pread=prefer_pread)
     t_build = time.perf_counter()
     try:
-        with compat.hooks(ctx):
+        with LOAD_LOCK, compat.hooks(ctx):
             model, info = cls.from_pretrained(source, *model_args, output_loading_info=True, **kwargs)
     except Exception as e:
         if ctx.errors:
             raise ctx.errors[0] from e
-        mismatch = _shape_error(e, ctx)
+        mismatch = _shape_error(e, ctx, cls, source, kwargs)
         if mismatch is not None:
             raise mismatch from e
         raise
@@ -290,6 +318,7 @@ def _fallback(cls, source, model_args, kwargs, report, reason, strict, t0):
         raise FallbackRequiredError(f"{source}: the fast path cannot load this model: {reason}")
     _logger().warning(f"hf_fastload: {source}: falling back to stock from_pretrained: {reason}")
     report.path, report.reason, report.io, report.io_reason = "fallback", reason, "stock", reason
-    out = cls.from_pretrained(source, *model_args, **kwargs)
+    with LOAD_LOCK:
+        out = cls.from_pretrained(source, *model_args, **kwargs)
     report.seconds = {"total": time.perf_counter() - t0}
     return out

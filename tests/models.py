@@ -59,7 +59,15 @@ def build_checkpoint(kind: str, folder: str, dtype: torch.dtype = torch.float32,
     torch.manual_seed(0)
     model = cls(config).to(dtype)
     kwargs = {"max_shard_size": "40KB"} if sharded else {}
-    model.save_pretrained(folder, safe_serialization=safetensors, **kwargs)
+    if safetensors:
+        model.save_pretrained(folder, **kwargs)
+    else:  # transformers 5 always writes safetensors: write the legacy pickle file ourselves
+        import os
+
+        model.config.architectures = [cls.__name__]
+        model.config.save_pretrained(folder)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.save(state, os.path.join(folder, "pytorch_model.bin"))
     return folder
 
 

@@ -1,0 +1,237 @@
+"""One timed load in a fresh process, for ``hf-fastload bench``: prints one JSON line on stdout.
+
+Example:
+    ```bash
+    python -m hf_fastload.bench_worker fast ./llama-1b --dtype float32
+    python -m hf_fastload.bench_worker floor ./llama-1b --dtype float32
+    ```
+
+Modes:
+
+- ``stock``: ``cls.from_pretrained(path, **kwargs)``, ``cls`` being the config's ``architectures[0]`` class;
+- ``fast``: ``hf_fastload.fast_from_pretrained(path, model_class=cls, **kwargs)``;
+- ``floor``: no model, only the bytes: every tensor of the checkpoint read with ``os.preadv`` into fresh memory and,
+  when the requested dtype differs from the stored one, converted into fresh tensors of that dtype. No load can do
+  less work. On CUDA it also measures pinned host-to-device bandwidth.
+
+Everything is imported and the class resolved before the clock starts. The peak RSS counter is reset just before
+(``/proc/self/clear_refs``), so ``peak_rss_over_preload_bytes`` is the load's own peak above the RSS before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version as dist_version
+
+CHUNK_BYTES = 8 << 20
+
+
+def _vm(field: str) -> int:
+    """A ``Vm*`` line of /proc/self/status, in bytes (0 where unavailable)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _model_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        nbytes = t.numel() * t.element_size()
+        key = (t.device.type, t.data_ptr(), nbytes)
+        if key not in seen:
+            seen.add(key)
+            total += nbytes
+    return total
+
+
+def _target_dtype(path: str, requested: str, stored):
+    """The dtype a load with ``dtype=requested`` ends in, for the floor (``none`` follows the installed default)."""
+    import torch
+
+    # compat.TRANSFORMERS_V5, read from the metadata: the floor does not import transformers.
+    if requested == "none" and int(dist_version("transformers").split(".")[0]) < 5:
+        return torch.float32  # 4.x loads into torch's default dtype
+    if requested in ("none", "auto"):
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+            config = json.load(fh)
+        name = config.get("dtype") or config.get("torch_dtype")
+        return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else stored
+    return getattr(torch, requested)
+
+
+def _floor_chunk(file, info, raw, out, lo: int, hi: int) -> None:
+    from .reader import pread_into, tensor_buffer
+
+    pread_into(file._fd(), file.path, tensor_buffer(raw)[lo:hi], info.start + lo, info.name)
+    if out is not None:
+        size = info.torch_dtype.itemsize
+        out.view(-1)[lo // size : hi // size].copy_(raw[lo:hi].view(info.torch_dtype))
+
+
+def run_floor(path: str, files: list[str], requested: str, threads: int) -> dict:
+    """Reads (and converts) every tensor of ``files`` with ``threads`` threads; returns what the parent needs."""
+    import torch
+
+    from .reader import SafetensorsFile
+
+    handles = [SafetensorsFile(f, io="pread") for f in files]
+    infos = [(h, info) for h in handles for info in h.tensors.values()]
+    stored = infos[0][1].torch_dtype if infos else torch.float32
+    target = _target_dtype(path, requested, stored)
+    kept = []
+    _reset_peak()
+    rss0 = _vm("VmRSS")
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        futures = []
+        for h, info in infos:
+            raw = torch.empty(info.nbytes, dtype=torch.uint8)
+            out = None if info.torch_dtype == target else torch.empty(info.shape, dtype=target)
+            kept.append(raw if out is None else out)  # a converted tensor's raw bytes go with its last chunk
+            # Chunks hold whole elements: CHUNK_BYTES is a multiple of every itemsize.
+            for lo in range(0, info.nbytes, CHUNK_BYTES):
+                futures.append(pool.submit(_floor_chunk, h, info, raw, out, lo, min(lo + CHUNK_BYTES, info.nbytes)))
+        for f in futures:
+            f.result()
+    seconds = time.perf_counter() - start
+    result = {
+        "seconds": seconds,
+        "peak_rss_over_preload_bytes": max(0, _vm("VmHWM") - rss0),
+        "model_bytes": sum(info.numel for _, info in infos) * target.itemsize,
+        "bytes_read": sum(info.nbytes for _, info in infos),
+        "floor_dtype": str(target).removeprefix("torch."),
+        "threads": threads,
+    }
+    for h in handles:
+        h.close()
+    return result
+
+
+def h2d_bandwidth(gib: int = 1, repeats: int = 3) -> dict:
+    """Pinned host-to-device copy bandwidth in GB/s (best of ``repeats``), or {} without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    host = torch.empty(gib << 30, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty_like(host, device="cuda")
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first copy warms up the context
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return {"h2d_gb_per_s": host.numel() / best / 1e9, "cuda_device": torch.cuda.get_device_name()}
+
+
+def run_load(args) -> dict:
+    """Loads the model in ``args.mode`` (stock or fast), timed, with the counters the parent reports."""
+    import torch
+    import transformers
+
+    import hf_fastload
+    from hf_fastload import compat, engine, loader  # noqa: F401  (imported before the clock starts)
+
+    with open(os.path.join(args.path, "config.json"), encoding="utf-8") as fh:
+        archs = json.load(fh).get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
+        cls = transformers.AutoModel
+    kwargs = {}
+    if args.dtype != "none":
+        kwargs["dtype"] = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.device == "cuda":
+        kwargs["device_map"] = "cuda"
+    notes = []
+    if args.disable_mmap:
+        if compat.HAS_DISABLE_MMAP:
+            kwargs["disable_mmap"] = True
+        else:
+            notes.append(f"disable_mmap ignored: transformers {transformers.__version__} has no such argument")
+
+    def sync():
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
+    peak_reset = _reset_peak()
+    rss0 = _vm("VmRSS")
+    start = time.perf_counter()
+    if args.mode == "stock":
+        model = cls.from_pretrained(args.path, **kwargs)
+    else:
+        model = hf_fastload.fast_from_pretrained(args.path, model_class=cls, **kwargs)
+    sync()
+    seconds = time.perf_counter() - start
+    result = {"seconds": seconds, "peak_rss_over_preload_bytes": max(0, _vm("VmHWM") - rss0)}
+    result["rss_after_over_preload_bytes"] = max(0, _vm("VmRSS") - rss0)
+    result["peak_reset"] = peak_reset
+    result["model_bytes"] = _model_bytes(model)
+    result["model_class"] = cls.__name__
+    result["model_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if args.mode == "fast":
+        report = hf_fastload.last_report()
+        result["report"] = report.to_dict() if report is not None else None
+        result["path"] = report.path if report is not None else None
+    if args.forward:
+        vocab = getattr(model.config, "vocab_size", None) or 100
+        ids = torch.randint(0, vocab, (1, 8), device=next(model.parameters()).device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=ids)
+        sync()
+        result["forward_seconds"] = time.perf_counter() - t0
+        result["load_forward_seconds"] = time.perf_counter() - start
+    if notes:
+        result["notes"] = notes
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=("stock", "fast", "floor"))
+    parser.add_argument("path")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--disable-mmap", action="store_true")
+    parser.add_argument("--forward", action="store_true")
+    parser.add_argument("--files", nargs="*", default=None, help="floor: the safetensors files")
+    args = parser.parse_args(argv)
+
+    if args.mode == "floor":
+        from .cli import checkpoint_files
+        from .engine import settings
+
+        result = run_floor(args.path, args.files or checkpoint_files(args.path), args.dtype, settings()["threads"])
+        if args.device == "cuda":
+            result.update(h2d_bandwidth())
+    else:
+        result = run_load(args)
+    result["mode"] = args.mode
+    result["transformers_version"] = dist_version("transformers")
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
