@@ -1,0 +1,15 @@
+# Sourced by scripts/*.sh: creates (once) a virtual environment with torch 2.13.0 (CPU build on this machine's disk),
+# the given transformers, and hf_fastload installed editable with its test extras.
+PY=${PYTHON:-python3}
+VENVS=${HF_FASTLOAD_VENVS:-.venvs}
+export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+setup_venv() {  # setup_venv NAME TRANSFORMERS_SPEC
+  local dir="$VENVS/$1"
+  if [ ! -x "$dir/bin/python" ] || ! "$dir/bin/python" -c "import hf_fastload, transformers, pytest" 2>/dev/null; then
+    rm -rf "$dir"
+    "$PY" -m venv "$dir"
+    "$dir/bin/pip" install -q torch==2.13.0
+    "$dir/bin/pip" install -q "$2" -e ".[test]"
+  fi
+}
