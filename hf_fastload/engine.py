@@ -72,6 +72,7 @@ class LoadContext:
         self.bytes_read = 0
         self.tensors = 0
         self.zero_copy = 0
+        self.methods: dict[str, int] = {}  # how tensors were made: zero-copy, pread, convert, ... -> count
         self.first: float | None = None
         self.last: float | None = None
         self.errors: list[BaseException] = []
@@ -126,12 +127,13 @@ class LoadContext:
         for handle in handles:
             handle.close()
 
-    def record(self, info: TensorInfo, zero_copy: bool, start: float) -> None:
+    def record(self, info: TensorInfo, method: str, start: float) -> None:
         now = time.perf_counter()
         with self.lock:
             self.bytes_read += info.nbytes
             self.tensors += 1
-            self.zero_copy += zero_copy
+            self.zero_copy += method == "zero-copy"
+            self.methods[method] = self.methods.get(method, 0) + 1
             self.first = start if self.first is None else min(self.first, start)
             self.last = now if self.last is None else max(self.last, now)
 
@@ -264,22 +266,21 @@ def materialize(ts: TensorSlice, device: Any = None, dtype: torch.dtype | None =
     start = time.perf_counter()
     target = torch.device(device) if device is not None else torch.device("cpu")
     dtype = dtype or info.torch_dtype
-    zero_copy = False
     try:
         if target.type == "meta":
-            out = torch.empty(info.shape, dtype=dtype, device="meta")
+            out, method = torch.empty(info.shape, dtype=dtype, device="meta"), "meta"
         elif dtype != info.torch_dtype:
-            out = _read_converted(file, info, dtype, threads)
+            out, method = _read_converted(file, info, dtype, threads), "convert"
         elif file.io == "mmap":
-            out, zero_copy = file.view(info), True
+            out, method = file.view(info), "zero-copy"
         else:
-            out = _read_same(file, info, threads)
+            out, method = _read_same(file, info, threads), "pread"
         if target.type not in ("cpu", "meta"):
-            out, zero_copy = out.to(device=target), False
+            out, method = out.to(device=target), f"{method}+to({target.type})"
     except BaseException as e:
         if ctx is not None:
             ctx.fail(e)
         raise
     if ctx is not None:
-        ctx.record(info, zero_copy, start)
+        ctx.record(info, method, start)
     return out

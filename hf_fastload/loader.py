@@ -238,7 +238,7 @@ def fast_from_pretrained(
         model = fast_from_pretrained("./tiny-llama", dtype="float32")
         ```
     """
-    from . import compat, engine
+    from . import compat, engine, patch
 
     t0 = time.perf_counter()
     source = os.fspath(pretrained_model_name_or_path)
@@ -266,7 +266,7 @@ def fast_from_pretrained(
     ctx = engine.LoadContext(io=knobs["io"], threads=knobs["threads"], prefer_pread=prefer_pread)
     t_build = time.perf_counter()
     try:
-        with LOAD_LOCK, compat.hooks(ctx):
+        with LOAD_LOCK, compat.hooks(ctx), patch.suspended():
             model, info = cls.from_pretrained(source, *model_args, output_loading_info=True, **kwargs)
     except Exception as e:
         if ctx.errors:
@@ -283,6 +283,7 @@ def fast_from_pretrained(
 
     report.files = sorted({h.path for h in ctx.files.values()})
     report.bytes_read, report.tensors_loaded, report.zero_copy = ctx.bytes_read, ctx.tensors, ctx.zero_copy
+    report.methods = dict(ctx.methods)
     if ctx.io_used:
         modes = sorted(set(ctx.io_used.values()))
         report.io = "+".join(sorted({m.split(":")[0] for m in modes}))
@@ -318,7 +319,9 @@ def _fallback(cls, source, model_args, kwargs, report, reason, strict, t0):
         raise FallbackRequiredError(f"{source}: the fast path cannot load this model: {reason}")
     _logger().warning(f"hf_fastload: {source}: falling back to stock from_pretrained: {reason}")
     report.path, report.reason, report.io, report.io_reason = "fallback", reason, "stock", reason
-    with LOAD_LOCK:
+    from . import patch
+
+    with LOAD_LOCK, patch.suspended():
         out = cls.from_pretrained(source, *model_args, **kwargs)
     report.seconds = {"total": time.perf_counter() - t0}
     return out

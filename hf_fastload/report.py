@@ -34,7 +34,8 @@ class LoadReport:
         io (`str`): how bytes were read (`"mmap"` or `"pread"`), and `io_reason` why.
         files (`list[str]`): checkpoint files opened.
         bytes_read (`int`): tensor bytes read from them.
-        tensors_loaded (`int`): tensors materialized; `zero_copy` of them are views of the file mapping.
+        tensors_loaded (`int`): tensors materialized; `zero_copy` of them are views of the file mapping;
+            `methods` counts how each was made (`zero-copy`, `pread`, `convert`, `...+to(cuda)`).
         missing_keys (`dict[str, str]`): model keys the checkpoint lacks, and how each was initialized.
         unexpected_keys, mismatched_keys (`list[str]`): as transformers reports them.
         seconds (`dict[str, float]`): wall time of the phases `resolve`, `build`, `read`, `finalize`, and `total`.
@@ -54,6 +55,7 @@ class LoadReport:
     bytes_read: int = 0
     tensors_loaded: int = 0
     zero_copy: int = 0
+    methods: dict[str, int] = field(default_factory=dict)
     missing_keys: dict[str, str] = field(default_factory=dict)
     unexpected_keys: list[str] = field(default_factory=list)
     mismatched_keys: list[str] = field(default_factory=list)
@@ -77,7 +79,8 @@ class LoadReport:
         phases = ", ".join(f"{k} {self.seconds[k]:.3f}s" for k in (*PHASES, "total") if k in self.seconds)
         lines = [
             head,
-            f"  {self.tensors_loaded} tensors ({self.zero_copy} zero-copy), {self.bytes_read / 2**20:.1f} MiB from "
+            f"  {self.tensors_loaded} tensors ({', '.join(f'{n} {m}' for m, n in sorted(self.methods.items())) or 'none'}), "
+            f"{self.bytes_read / 2**20:.1f} MiB from "
             f"{len(self.files)} file(s), io={self.io}, {self.threads} threads, {self.gb_per_s:.2f} GB/s",
             f"  {phases}",
         ]

@@ -35,7 +35,7 @@ def no_patch_left_behind():
     """Fails a test that leaves hf_fastload's patches installed."""
     import torch.nn as nn
 
-    from hf_fastload import compat, noinit
+    from hf_fastload import compat, noinit, patch
 
     linear_reset = nn.Linear.__dict__["reset_parameters"]
     normal = nn.init.normal_
@@ -44,3 +44,4 @@ def no_patch_left_behind():
     assert noinit._users == 0 and not noinit._global, "init patches left installed"
     assert nn.Linear.__dict__["reset_parameters"] is linear_reset
     assert nn.init.normal_ is normal
+    assert patch._users == 0 and not patch._saved and not patch._global, "from_pretrained routing left installed"
