@@ -9,8 +9,8 @@ tying, missing-key init and device placement. The hooks that hand the bytes path
   final tensor; for our slices the engine does it, reading and converting in one pass. ``_is_on_hf_mount`` answers
   False during a fast load: the engine picks its own I/O mode, ``pread`` where stock would have read whole files;
 - 4.57: ``_load_state_dict_into_meta_model`` gets a wrapper that computes each tensor's target dtype and device
-  with transformers' own ``_infer_parameter_dtype`` and device-map rule, and starts reading them in parallel; the
-  original function then finds each tensor already in its final dtype, and its own ``.to()`` calls are no-ops.
+  with transformers' own ``_infer_parameter_dtype`` and device-map rule; when the original function reads a tensor
+  (``slice[...]``) it gets it already in its final dtype and device, and its own ``.to()`` calls are no-ops.
 
 The patches are installed once while any fast load runs (refcounted under a lock) and removed after the last.
 """
@@ -110,7 +110,7 @@ def _patch_load_into_meta_model(original):
                     continue
                 _, casting_dtype = _infer_parameter_dtype(model, param_name, empty_param, keep_in_fp32_regex, None)
                 name = reverse_renaming_mapping[param_name]
-                ctx.prefetch(handle.get_slice(name), device, casting_dtype)
+                ctx.plan(handle.get_slice(name), device, casting_dtype)
         return original(model, state_dict, shard_file, reverse_renaming_mapping, device_map, *args, **kwargs)
 
     return _load_state_dict_into_meta_model

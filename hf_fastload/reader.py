@@ -300,6 +300,20 @@ class SafetensorsFile:
         flat = torch.frombuffer(self.mapping(), dtype=torch.uint8, count=info.nbytes, offset=info.start)
         return flat.view(info.torch_dtype).view(info.shape)
 
+    def release(self, info: TensorInfo, begin: int, end: int) -> None:
+        """Drops this process's mapping of the whole pages inside bytes ``[begin, end)`` of ``info``'s data.
+
+        The file's page cache keeps them; a later access faults them back in unchanged. Pages shared with a
+        neighbouring tensor are kept, so a zero-copy view of another tensor never loses a private write.
+        """
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        lo = -(-(info.start + begin) // page) * page
+        hi = (info.start + end) // page * page
+        if hi > lo:
+            self._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def read_into(self, info: TensorInfo, out: memoryview, byte_offset: int = 0) -> None:
         """Copies ``len(out)`` bytes of ``info``'s data, starting ``byte_offset`` into it, with pread."""
         pread_into(self._fd(), self.path, out, info.start + byte_offset, info.name)
