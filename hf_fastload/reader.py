@@ -157,7 +157,9 @@ def parse_header(path: str, raw_prefix: bytes, file_size: int, read_header) -> t
             or not all(type(o) is int for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]
         ):
-            raise _content_error(path, f"data_offsets must be [begin, end] with 0 <= begin <= end, found {offsets!r}", name)
+            raise _content_error(
+                path, f"data_offsets must be [begin, end] with 0 <= begin <= end, found {offsets!r}", name
+            )
         begin, end = offsets
         itemsize = DTYPES[dtype].itemsize
         expected = math.prod(shape) * itemsize
@@ -320,7 +322,7 @@ class SafetensorsFile:
 
 
 class TensorSlice:
-    """A lazy handle on one tensor, shaped like safetensors' ``PySafeSlice`` (``get_shape``, ``get_dtype``, ``[...]``)."""
+    """A lazy handle on one tensor, shaped like safetensors' ``PySafeSlice`` (``get_shape``, ``get_dtype``, ``[]``)."""
 
     __slots__ = ("file", "info")
 

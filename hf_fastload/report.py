@@ -77,9 +77,10 @@ class LoadReport:
         if self.reason:
             head += f" ({self.reason})"
         phases = ", ".join(f"{k} {self.seconds[k]:.3f}s" for k in (*PHASES, "total") if k in self.seconds)
+        how = ", ".join(f"{n} {m}" for m, n in sorted(self.methods.items())) or "none"
         lines = [
             head,
-            f"  {self.tensors_loaded} tensors ({', '.join(f'{n} {m}' for m, n in sorted(self.methods.items())) or 'none'}), "
+            f"  {self.tensors_loaded} tensors ({how}), "
             f"{self.bytes_read / 2**20:.1f} MiB from "
             f"{len(self.files)} file(s), io={self.io}, {self.threads} threads, {self.gb_per_s:.2f} GB/s",
             f"  {phases}",

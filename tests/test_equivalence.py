@@ -97,8 +97,7 @@ def test_io_modes(checkpoints, monkeypatch, io, request_dtype):
     assert report.path == "fast" and report.io == io
 
 
-@pytest.mark.skipif(not hasattr(transformers.PreTrainedModel, "_load_pretrained_model") or
-                    transformers.__version__.startswith("4."), reason="disable_mmap is a transformers 5 argument")  # fmt: skip
+@pytest.mark.skipif(transformers.__version__.startswith("4."), reason="disable_mmap is a transformers 5 argument")
 def test_disable_mmap_reads_with_pread(checkpoints):
     path = checkpoints("llama", torch.bfloat16)
     stock, stock_info, fast, fast_info = load_both(
