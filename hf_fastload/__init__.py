@@ -20,6 +20,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "fast_from_pretrained": "loader",
+    "fast_pipeline": "pipeline",
+    "inference_mode": "inference",
+    "training_mode": "inference",
     "last_report": "report",
     "LoadReport": "report",
     "skip_init": "noinit",
@@ -32,7 +35,24 @@ _EXPORTS = {
     "VerificationError": "errors",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "CheckpointContentError",
+    "CheckpointFileError",
+    "FallbackRequiredError",
+    "FastLoadError",
+    "LoadReport",
+    "VerificationError",
+    "__version__",
+    "disable_torch_init",
+    "fast_from_pretrained",
+    "fast_pipeline",
+    "inference_mode",
+    "last_report",
+    "restore_torch_init",
+    "skip_init",
+    "training_mode",
+]
+assert set(__all__) == {"__version__", *_EXPORTS}
 
 if TYPE_CHECKING:
     from .errors import (
@@ -42,8 +62,10 @@ if TYPE_CHECKING:
         FastLoadError,
         VerificationError,
     )
+    from .inference import inference_mode, training_mode
     from .loader import fast_from_pretrained
     from .noinit import disable_torch_init, restore_torch_init, skip_init
+    from .pipeline import fast_pipeline
     from .report import LoadReport, last_report
 
 

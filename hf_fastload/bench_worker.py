@@ -10,9 +10,10 @@ Modes:
 
 - ``stock``: ``cls.from_pretrained(path, **kwargs)``, ``cls`` being the config's ``architectures[0]`` class;
 - ``fast``: ``hf_fastload.fast_from_pretrained(path, model_class=cls, **kwargs)``;
-- ``floor``: no model, only the bytes: every tensor of the checkpoint read with ``os.preadv`` into fresh memory and,
-  when the requested dtype differs from the stored one, converted into fresh tensors of that dtype. No load can do
-  less work. On CUDA it also measures pinned host-to-device bandwidth.
+- ``floor``: no model, only the bytes: every tensor of the checkpoint read with ``os.preadv`` into fresh memory
+  (``torch.empty``), or, when the requested dtype differs from the stored one, read in 8 MiB chunks into a reused
+  per-thread buffer and converted into a fresh tensor of that dtype; as many threads as the fast loader uses. A load
+  that owns its tensors cannot do less work. On CUDA it also measures pinned host-to-device bandwidth.
 
 Everything is imported and the class resolved before the clock starts. The peak RSS counter is reset just before
 (``/proc/self/clear_refs``), so ``peak_rss_over_preload_bytes`` is the load's own peak above the RSS before it.
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version as dist_version
@@ -78,13 +80,25 @@ def _target_dtype(path: str, requested: str, stored):
     return getattr(torch, requested)
 
 
-def _floor_chunk(file, info, raw, out, lo: int, hi: int) -> None:
+_staging = threading.local()
+
+
+def _floor_chunk(file, info, dest, lo: int, hi: int) -> None:
+    """Bytes ``[lo, hi)`` of one tensor: read straight into ``dest`` (uint8), or via a reused staging buffer and
+    converted into ``dest`` (the target dtype), so each output byte is written once."""
+    import torch
+
     from .reader import pread_into, tensor_buffer
 
-    pread_into(file._fd(), file.path, tensor_buffer(raw)[lo:hi], info.start + lo, info.name)
-    if out is not None:
-        size = info.torch_dtype.itemsize
-        out.view(-1)[lo // size : hi // size].copy_(raw[lo:hi].view(info.torch_dtype))
+    if dest.dtype == torch.uint8:
+        pread_into(file._fd(), file.path, tensor_buffer(dest)[lo:hi], info.start + lo, info.name)
+        return
+    buf = getattr(_staging, "buf", None)
+    if buf is None:
+        buf = _staging.buf = torch.empty(CHUNK_BYTES, dtype=torch.uint8)
+    pread_into(file._fd(), file.path, tensor_buffer(buf)[: hi - lo], info.start + lo, info.name)
+    size = info.torch_dtype.itemsize
+    dest.view(-1)[lo // size : hi // size].copy_(buf[: hi - lo].view(info.torch_dtype))
 
 
 def run_floor(path: str, files: list[str], requested: str, threads: int) -> dict:
@@ -104,12 +118,12 @@ def run_floor(path: str, files: list[str], requested: str, threads: int) -> dict
     with ThreadPoolExecutor(threads) as pool:
         futures = []
         for h, info in infos:
-            raw = torch.empty(info.nbytes, dtype=torch.uint8)
-            out = None if info.torch_dtype == target else torch.empty(info.shape, dtype=target)
-            kept.append(raw if out is None else out)  # a converted tensor's raw bytes go with its last chunk
+            same = info.torch_dtype == target
+            dest = torch.empty(info.nbytes, dtype=torch.uint8) if same else torch.empty(info.shape, dtype=target)
+            kept.append(dest)
             # Chunks hold whole elements: CHUNK_BYTES is a multiple of every itemsize.
             for lo in range(0, info.nbytes, CHUNK_BYTES):
-                futures.append(pool.submit(_floor_chunk, h, info, raw, out, lo, min(lo + CHUNK_BYTES, info.nbytes)))
+                futures.append(pool.submit(_floor_chunk, h, info, dest, lo, min(lo + CHUNK_BYTES, info.nbytes)))
         for f in futures:
             f.result()
     seconds = time.perf_counter() - start

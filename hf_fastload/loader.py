@@ -216,6 +216,7 @@ def fast_from_pretrained(
     *model_args: Any,
     model_class: Any = None,
     strict: bool | None = None,
+    inference: bool = False,
     **kwargs: Any,
 ):
     """Loads a model like ``model_class.from_pretrained``, reading the safetensors bytes with hf_fastload's engine.
@@ -227,6 +228,8 @@ def fast_from_pretrained(
             config's ``architectures[0]``, else ``AutoModel``.
         strict (`bool`, *optional*): raise `FallbackRequiredError` instead of falling back to stock loading.
             Defaults to the ``HF_FASTLOAD_STRICT`` environment variable.
+        inference (`bool`, *optional*, defaults to `False`): return the model wrapped by
+            `hf_fastload.inference_mode` (no autograd graph, ``requires_grad=False``; undo with `training_mode`).
         **kwargs: every keyword ``from_pretrained`` takes (``dtype``, ``device_map``, ``revision``, ...), with the
             same meaning and defaults as in the installed transformers.
 
@@ -257,7 +260,7 @@ def fast_from_pretrained(
     if reason is None and os.path.isdir(source):
         check_local_checkpoint(os.path.join(source, kwargs.get("subfolder") or ""))
     if reason is not None:
-        return _fallback(cls, source, model_args, kwargs, report, reason, strict, t0)
+        return _inference(_fallback(cls, source, model_args, kwargs, report, reason, strict, t0), inference)
 
     want_info = kwargs.pop("output_loading_info", False)
     prefer_pread = False
@@ -298,7 +301,8 @@ def fast_from_pretrained(
     verify(model, info, ctx)
     report.missing_keys = _how_initialized(model, sorted(info.get("missing_keys") or []))
     report.unexpected_keys = sorted(info.get("unexpected_keys") or [])
-    report.mismatched_keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or [])
+    mismatched = info.get("mismatched_keys") or []
+    report.mismatched_keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in mismatched)
     t_done = time.perf_counter()
     first = ctx.first if ctx.first is not None else t_end_load
     last = ctx.last if ctx.last is not None else t_end_load
@@ -311,7 +315,17 @@ def fast_from_pretrained(
     }
     if _env_true("HF_FASTLOAD_VERBOSE"):
         _logger().warning(str(report))
+    _inference(model, inference)
     return (model, info) if want_info else model
+
+
+def _inference(out, inference: bool):
+    """Applies `inference_mode` to the model in ``out`` (a model, or ``(model, loading_info)``) if asked."""
+    if inference:
+        from .inference import inference_mode
+
+        inference_mode(out[0] if isinstance(out, tuple) else out)
+    return out
 
 
 def _fallback(cls, source, model_args, kwargs, report, reason, strict, t0):

@@ -10,7 +10,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from models import build_checkpoint  # noqa: E402
 
 
@@ -32,14 +31,21 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def no_patch_left_behind():
-    """Fails a test that leaves hf_fastload's patches installed."""
+    """Fails a test that leaves hf_fastload's patches installed, or autograd switched off."""
     import torch.nn as nn
+    import transformers
+    from transformers.generation.utils import GenerationMixin
 
     from hf_fastload import compat, noinit, patch
 
     linear_reset = nn.Linear.__dict__["reset_parameters"]
     normal = nn.init.normal_
+    # inference_mode wraps instances only; fast_pipeline wraps a pipeline's model, never the classes or pipeline()
+    module_call, generate, pipeline = nn.Module.__call__, GenerationMixin.__dict__["generate"], transformers.pipeline
     yield
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled(), "grad mode left switched off"
+    assert nn.Module.__call__ is module_call and GenerationMixin.__dict__["generate"] is generate
+    assert transformers.pipeline is pipeline
     assert compat._users == 0 and not compat._saved, "transformers hooks left installed"
     assert noinit._users == 0 and not noinit._global, "init patches left installed"
     assert nn.Linear.__dict__["reset_parameters"] is linear_reset
