@@ -36,6 +36,8 @@ from .reader import SafetensorsFile, TensorInfo, TensorSlice, tensor_buffer
 __all__ = ["LoadContext", "alloc_cpu", "materialize", "settings"]
 
 CHUNK_BYTES = 8 << 20
+READAHEAD_CHUNK = 32 << 20
+READAHEAD_THREADS = 8
 IO_MODES = ("auto", "mmap", "pread")
 
 
@@ -73,6 +75,7 @@ class LoadContext:
         self.first: float | None = None
         self.last: float | None = None
         self.errors: list[BaseException] = []
+        self.readahead_bytes = 0
         self._planned: dict[tuple[str, str], tuple[Any, torch.dtype | None]] = {}
 
     def open(self, path: str | os.PathLike, device: Any = "cpu") -> SafetensorsFile:
@@ -87,9 +90,48 @@ class LoadContext:
         handle = SafetensorsFile(path, io=io, device=device)
         handle.context = self
         with self.lock:
+            fresh = not any(h.path == handle.path for h in self.files.values())
             handle = self.files.setdefault(key, handle)
             self.io_used.setdefault(handle.path, f"{io}: {why}")
+        if fresh:
+            self._readahead(handle)
         return handle
+
+    def _readahead(self, handle: SafetensorsFile) -> None:
+        """Asks the kernel to start reading the whole file, from several threads at once.
+
+        A cold file then arrives at the disk's parallel bandwidth instead of one readahead stream's (on this
+        project's VM: 2.2 s for 2 GB with ``cat``, 1.3 s with 8 threads of ``POSIX_FADV_WILLNEED``); for a file
+        already in the page cache the calls return at once. Skipped when the load would not fit in half of the
+        available memory (it would evict its own pages), or with ``HF_FASTLOAD_READAHEAD=0``.
+        """
+        if not hasattr(os, "posix_fadvise") or os.environ.get("HF_FASTLOAD_READAHEAD", "1").strip() == "0":
+            return
+        with self.lock:
+            self.readahead_bytes += handle.size
+            total = self.readahead_bytes
+        if total > _available_memory() // 2:
+            return
+        fd = os.dup(handle._fd())  # our own descriptor, closed by whichever task finishes last
+        offsets = list(range(0, handle.size, READAHEAD_CHUNK)) or [0]
+        left = [len(offsets)]
+        lock = threading.Lock()
+
+        def advise(offset: int) -> None:
+            try:
+                os.posix_fadvise(fd, offset, min(READAHEAD_CHUNK, handle.size - offset), os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                with lock:
+                    left[0] -= 1
+                    done = left[0] == 0
+                if done:
+                    os.close(fd)
+
+        pool = _get_pool("readahead", READAHEAD_THREADS)
+        for offset in offsets:
+            pool.submit(advise, offset)
 
     def materialize(self, ts: TensorSlice, device: Any = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         return materialize(ts, device, dtype)
@@ -126,6 +168,18 @@ class LoadContext:
     def fail(self, error: BaseException) -> None:
         with self.lock:
             self.errors.append(error)
+
+
+def _available_memory() -> int:
+    """MemAvailable from /proc/meminfo in bytes (0 where unknown, which turns readahead off)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 _NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "gpfs", "beegfs")
