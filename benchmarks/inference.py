@@ -35,6 +35,9 @@ import subprocess
 import sys
 import time
 
+from hf_fastload.bench_worker import reset_peak_rss as _reset_peak
+from hf_fastload.bench_worker import vm_bytes as _vm
+
 FORWARD_CASES = ("forward-plain", "forward-inference_mode")
 PIPELINE_CASES = ("pipeline-stock", "pipeline-fast")
 PROMPT = "The quick brown fox jumps over the lazy dog and"
@@ -46,21 +49,6 @@ CORPUS = [
 ]
 
 
-def _vm(field: str) -> int:
-    """A ``Vm*`` line of /proc/self/status, in bytes (0 where unavailable)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-        fh.write("5")
 
 
 def _forward(path: str, dtype: str, tokens: int, wrapped: bool) -> dict:

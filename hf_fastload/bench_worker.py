@@ -33,7 +33,7 @@ from importlib.metadata import version as dist_version
 CHUNK_BYTES = 8 << 20
 
 
-def _vm(field: str) -> int:
+def vm_bytes(field: str) -> int:
     """A ``Vm*`` line of /proc/self/status, in bytes (0 where unavailable)."""
     try:
         with open("/proc/self/status", encoding="ascii") as fh:
@@ -45,7 +45,7 @@ def _vm(field: str) -> int:
     return 0
 
 
-def _reset_peak() -> bool:
+def reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
             fh.write("5")
@@ -112,8 +112,8 @@ def run_floor(path: str, files: list[str], requested: str, threads: int) -> dict
     stored = infos[0][1].torch_dtype if infos else torch.float32
     target = _target_dtype(path, requested, stored)
     kept = []
-    _reset_peak()
-    rss0 = _vm("VmRSS")
+    reset_peak_rss()
+    rss0 = vm_bytes("VmRSS")
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         futures = []
@@ -129,7 +129,7 @@ def run_floor(path: str, files: list[str], requested: str, threads: int) -> dict
     seconds = time.perf_counter() - start
     result = {
         "seconds": seconds,
-        "peak_rss_over_preload_bytes": max(0, _vm("VmHWM") - rss0),
+        "peak_rss_over_preload_bytes": max(0, vm_bytes("VmHWM") - rss0),
         "model_bytes": sum(info.numel for _, info in infos) * target.itemsize,
         "bytes_read": sum(info.nbytes for _, info in infos),
         "floor_dtype": str(target).removeprefix("torch."),
@@ -187,8 +187,8 @@ def run_load(args) -> dict:
         if args.device == "cuda":
             torch.cuda.synchronize()
 
-    peak_reset = _reset_peak()
-    rss0 = _vm("VmRSS")
+    peak_reset = reset_peak_rss()
+    rss0 = vm_bytes("VmRSS")
     start = time.perf_counter()
     if args.mode == "stock":
         model = cls.from_pretrained(args.path, **kwargs)
@@ -196,8 +196,8 @@ def run_load(args) -> dict:
         model = hf_fastload.fast_from_pretrained(args.path, model_class=cls, **kwargs)
     sync()
     seconds = time.perf_counter() - start
-    result = {"seconds": seconds, "peak_rss_over_preload_bytes": max(0, _vm("VmHWM") - rss0)}
-    result["rss_after_over_preload_bytes"] = max(0, _vm("VmRSS") - rss0)
+    result = {"seconds": seconds, "peak_rss_over_preload_bytes": max(0, vm_bytes("VmHWM") - rss0)}
+    result["rss_after_over_preload_bytes"] = max(0, vm_bytes("VmRSS") - rss0)
     result["peak_reset"] = peak_reset
     result["model_bytes"] = _model_bytes(model)
     result["model_class"] = cls.__name__
