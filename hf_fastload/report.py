@@ -38,7 +38,10 @@ class LoadReport:
             `methods` counts how each was made (`zero-copy`, `pread`, `convert`, `...+to(cuda)`).
         missing_keys (`dict[str, str]`): model keys the checkpoint lacks, and how each was initialized.
         unexpected_keys, mismatched_keys (`list[str]`): as transformers reports them.
-        seconds (`dict[str, float]`): wall time of the phases `resolve`, `build`, `read`, `finalize`, and `total`.
+        seconds (`dict[str, float]`): wall time of the phases and `total`: `resolve` (our checks, the config and
+            class), `build` (inside `from_pretrained` until the first tensor is read: config, model on the meta
+            device, key mapping), `read` (first tensor read started to last one finished, transformers' own work
+            between reads included), `finalize` (tying, missing-key init, verification, the report).
     """
 
     source: str
