@@ -6,6 +6,8 @@ Example:
 
     model = hf_fastload.fast_from_pretrained("path/to/model", dtype="float32")
     print(hf_fastload.last_report())
+
+    hf_fastload.enable()   # or HF_FASTLOAD=1 / `hf-fastload run`: every from_pretrained and pipeline() loads fast
     ```
 
 Importing this package is cheap: torch and transformers are imported on first use of a name that needs them.
@@ -33,6 +35,9 @@ _EXPORTS = {
     "CheckpointContentError": "errors",
     "FallbackRequiredError": "errors",
     "VerificationError": "errors",
+    "enable": "optin",
+    "disable": "optin",
+    "enabled": "optin",
 }
 
 __all__ = [
@@ -43,7 +48,10 @@ __all__ = [
     "LoadReport",
     "VerificationError",
     "__version__",
+    "disable",
     "disable_torch_init",
+    "enable",
+    "enabled",
     "fast_from_pretrained",
     "fast_pipeline",
     "inference_mode",
@@ -65,6 +73,7 @@ if TYPE_CHECKING:
     from .inference import inference_mode, training_mode
     from .loader import fast_from_pretrained
     from .noinit import disable_torch_init, restore_torch_init, skip_init
+    from .optin import disable, enable, enabled
     from .pipeline import fast_pipeline
     from .report import LoadReport, last_report
 

@@ -243,6 +243,7 @@ def fast_from_pretrained(
     """
     from . import compat, engine, patch
 
+    entry = patch.take_entry()  # the original from_pretrained when a patched one routed this call here
     t0 = time.perf_counter()
     source = os.fspath(pretrained_model_name_or_path)
     strict = _env_true("HF_FASTLOAD_STRICT") if strict is None else strict
@@ -251,6 +252,7 @@ def fast_from_pretrained(
     _set_last_report(report)
 
     cls, config = _resolve_class(model_class, source, kwargs)
+    load = entry or cls.from_pretrained
     report.model_class = cls.__name__
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
     report.dtype = str(dtype) if dtype is not None else "default"
@@ -260,7 +262,9 @@ def fast_from_pretrained(
     if reason is None and os.path.isdir(source):
         check_local_checkpoint(os.path.join(source, kwargs.get("subfolder") or ""))
     if reason is not None:
-        return _inference(_fallback(cls, source, model_args, kwargs, report, reason, strict, t0), inference)
+        out = _fallback(load, source, model_args, kwargs, report, reason, strict, t0)
+        _finished(report)
+        return _inference(out, inference)
 
     want_info = kwargs.pop("output_loading_info", False)
     prefer_pread = False
@@ -270,7 +274,7 @@ def fast_from_pretrained(
     t_build = time.perf_counter()
     try:
         with LOAD_LOCK, compat.hooks(ctx), patch.suspended():
-            model, info = cls.from_pretrained(source, *model_args, output_loading_info=True, **kwargs)
+            model, info = load(source, *model_args, output_loading_info=True, **kwargs)
     except Exception as e:
         if ctx.errors:
             raise ctx.errors[0] from e
@@ -313,8 +317,7 @@ def fast_from_pretrained(
         "finalize": max(0.0, t_done - last),
         "total": t_done - t0,
     }
-    if _env_true("HF_FASTLOAD_VERBOSE"):
-        _logger().warning(str(report))
+    _finished(report)
     _inference(model, inference)
     return (model, info) if want_info else model
 
@@ -328,7 +331,7 @@ def _inference(out, inference: bool):
     return out
 
 
-def _fallback(cls, source, model_args, kwargs, report, reason, strict, t0):
+def _fallback(load, source, model_args, kwargs, report, reason, strict, t0):
     if strict:
         raise FallbackRequiredError(f"{source}: the fast path cannot load this model: {reason}")
     _logger().warning(f"hf_fastload: {source}: falling back to stock from_pretrained: {reason}")
@@ -336,6 +339,32 @@ def _fallback(cls, source, model_args, kwargs, report, reason, strict, t0):
     from . import patch
 
     with LOAD_LOCK, patch.suspended():
-        out = cls.from_pretrained(source, *model_args, **kwargs)
+        out = load(source, *model_args, **kwargs)
     report.seconds = {"total": time.perf_counter() - t0}
     return out
+
+
+_report_lock = threading.Lock()
+
+
+def _finished(report: LoadReport) -> None:
+    """Ends a load that returns a model: logs its report (``HF_FASTLOAD_VERBOSE``) and appends it to a file.
+
+    With ``HF_FASTLOAD_REPORT=path.jsonl`` set, ``report.to_dict()`` is appended to that file as one JSON line, in
+    one ``write`` in append mode, so that lines from threads and processes sharing the file do not interleave. Never
+    raises: a failed write is one logged warning.
+    """
+    if _env_true("HF_FASTLOAD_VERBOSE"):
+        _logger().warning(str(report))
+    path = os.environ.get("HF_FASTLOAD_REPORT")
+    if path:
+        try:
+            line = (json.dumps(report.to_dict(), default=str) + "\n").encode("utf-8")
+            with _report_lock:  # one write() per line, in append mode: lines from processes do not interleave
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+                try:
+                    os.write(fd, line)
+                finally:
+                    os.close(fd)
+        except Exception as e:
+            _logger().warning(f"hf_fastload: could not append the load report to HF_FASTLOAD_REPORT={path}: {e}")

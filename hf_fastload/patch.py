@@ -10,8 +10,10 @@ Example:
 
 The ``from_pretrained`` classmethods of ``PreTrainedModel`` and of the Auto classes' base are wrapped once while any
 routing is active (refcounted under a lock) and restored after the last user; the wrappers keep the originals' names,
-signatures and docstrings. Routing is per thread (``routed()``) or process-wide (``route_globally``, used by the
-``HF_FASTLOAD=1`` opt-in). Inside a fast load, routing is suspended, so the real ``from_pretrained`` runs.
+signatures and docstrings. Routing is per thread (``routed()``) or process-wide (``route_globally``, used by
+:mod:`hf_fastload.optin`, the ``HF_FASTLOAD=1`` opt-in). Inside a fast load, routing is suspended, and the load calls
+the original ``from_pretrained`` of the class that was routed (not ``cls.from_pretrained`` again, which would run a
+subclass's own override a second time).
 """
 
 from __future__ import annotations
@@ -45,7 +47,13 @@ def _wrap(original: classmethod) -> classmethod:
         if is_routing() and pretrained_model_name_or_path is not None:
             from .loader import fast_from_pretrained
 
-            return fast_from_pretrained(pretrained_model_name_or_path, *model_args, model_class=cls, **kwargs)
+            # fast_from_pretrained calls this original, not cls.from_pretrained: a subclass's own from_pretrained
+            # that called super() and got here must not run a second time
+            _local.entry = functools.partial(func, cls)
+            try:
+                return fast_from_pretrained(pretrained_model_name_or_path, *model_args, model_class=cls, **kwargs)
+            finally:
+                _local.entry = None
         return func(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 
     return classmethod(from_pretrained)
@@ -79,6 +87,16 @@ def _release() -> None:
                 owner, original, patched = _saved.pop()
                 if owner.__dict__.get("from_pretrained") is patched:
                     owner.from_pretrained = original
+
+
+def take_entry():
+    """The original ``from_pretrained``, bound to its class, of the routed call now starting in this thread, or None.
+
+    fast_from_pretrained calls it once at its start; a direct call of fast_from_pretrained finds None.
+    """
+    entry = getattr(_local, "entry", None)
+    _local.entry = None
+    return entry
 
 
 def originals() -> dict[type, object]:

@@ -11,5 +11,7 @@ setup_venv() {  # setup_venv NAME TRANSFORMERS_SPEC
     "$PY" -m venv "$dir"
     "$dir/bin/pip" install -q torch==2.13.0
     "$dir/bin/pip" install -q "$2" -e ".[test]"
+  elif ! "$dir/bin/python" -c "from hf_fastload import cli; assert cli.startup_hook_installed()" 2>/dev/null; then
+    "$dir/bin/pip" install -q --no-deps -e .  # an environment from before hf_fastload_startup.pth existed
   fi
 }

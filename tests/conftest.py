@@ -36,7 +36,7 @@ def no_patch_left_behind():
     import transformers
     from transformers.generation.utils import GenerationMixin
 
-    from hf_fastload import compat, noinit, patch
+    from hf_fastload import compat, noinit, optin, patch
 
     linear_reset = nn.Linear.__dict__["reset_parameters"]
     normal = nn.init.normal_
@@ -51,3 +51,4 @@ def no_patch_left_behind():
     assert nn.Linear.__dict__["reset_parameters"] is linear_reset
     assert nn.init.normal_ is normal
     assert patch._users == 0 and not patch._saved and not patch._global, "from_pretrained routing left installed"
+    assert not optin.is_enabled() and not optin._switch and optin._blocks == 0, "hf_fastload.enable() left on"
