@@ -71,7 +71,7 @@ _entry = st.fixed_dictionaries(
 @FUZZ
 @given(entries=st.dictionaries(st.text(max_size=8), _entry, max_size=4), data=st.binary(max_size=128))
 def test_structured_headers(tmp_path, entries, data):
-    """Plausible headers with wrong dtypes, absurd shapes (10^12 elements) and offsets: no allocation beyond the file."""
+    """Plausible headers: wrong dtypes, absurd shapes (10^12 elements), bad offsets; no allocation beyond the file."""
     blob = json.dumps(entries).encode()
     _check(tmp_path, struct.pack("<Q", len(blob)) + blob + data)
 
