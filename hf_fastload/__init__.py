@@ -60,7 +60,6 @@ __all__ = [
     "skip_init",
     "training_mode",
 ]
-assert set(__all__) == {"__version__", *_EXPORTS}
 
 if TYPE_CHECKING:
     from .errors import (

@@ -126,6 +126,12 @@ def test_verify_rejects_meta_tensors():
         verify(module, {}, None)
 
 
+def test_public_names_match_the_lazy_table():
+    assert set(hf_fastload.__all__) == {"__version__", *hf_fastload._EXPORTS}
+    for name in hf_fastload.__all__:
+        assert getattr(hf_fastload, name) is not None
+
+
 def test_import_is_cheap():
     code = "import sys, hf_fastload; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
