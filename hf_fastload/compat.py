@@ -27,6 +27,7 @@ import transformers
 from packaging import version
 
 from .engine import LoadContext
+from .patching import PatchSet
 from .reader import TensorSlice
 
 __all__ = ["TRANSFORMERS_V5", "TRANSFORMERS_VERSION", "active_context", "hooks"]
@@ -37,9 +38,6 @@ TRANSFORMERS_V5 = TRANSFORMERS_VERSION.major >= 5
 HAS_DISABLE_MMAP = TRANSFORMERS_V5
 
 _local = threading.local()
-_lock = threading.Lock()
-_users = 0
-_saved: list[tuple[object, str, object]] = []
 
 
 def active_context() -> LoadContext | None:
@@ -130,33 +128,16 @@ def _targets():
         yield mu, "_load_state_dict_into_meta_model", _patch_load_into_meta_model
 
 
-def _install() -> None:
-    for module, name, make in _targets():
-        original = getattr(module, name)
-        _saved.append((module, name, original))
-        setattr(module, name, make(original))
-
-
-def _uninstall() -> None:
-    while _saved:
-        module, name, original = _saved.pop()
-        setattr(module, name, original)
+PATCHES = PatchSet(_targets)
 
 
 @contextlib.contextmanager
 def hooks(ctx: LoadContext) -> Iterator[LoadContext]:
     """Routes the bytes path of transformers loads in this thread through ``ctx`` while the block runs."""
-    global _users
-    with _lock:
-        if _users == 0:
-            _install()
-        _users += 1
+    PATCHES.acquire()
     outer, _local.ctx = active_context(), ctx  # a load inside a load (remote code, wrappers) gets its own context
     try:
         yield ctx
     finally:
         _local.ctx = outer
-        with _lock:
-            _users -= 1
-            if _users == 0:
-                _uninstall()
+        PATCHES.release()

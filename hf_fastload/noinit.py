@@ -22,6 +22,8 @@ import functools
 import threading
 from collections.abc import Iterator
 
+from .patching import PatchSet
+
 __all__ = ["disable_torch_init", "init_skipped", "restore_torch_init", "skip_init"]
 
 _INIT_FUNCTIONS = (
@@ -29,11 +31,9 @@ _INIT_FUNCTIONS = (
     "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
 )  # fmt: skip
 
-_lock = threading.Lock()
+_lock = threading.Lock()  # guards the global switch
 _local = threading.local()
-_users = 0  # scopes (any thread) plus the global switch, while the patches are installed
 _global = False
-_originals: list[tuple[object, str, object, object]] = []  # (owner, name, original, patched)
 
 
 def init_skipped() -> bool:
@@ -78,45 +78,19 @@ def _module_classes():
             yield cls
 
 
-def _install() -> None:
+def _targets():
     import torch.nn.init as init
 
     for cls in _module_classes():
-        original = cls.__dict__["reset_parameters"]
-        patched = _skipping_reset(original)
-        _originals.append((cls, "reset_parameters", original, patched))
-        cls.reset_parameters = patched
+        yield cls, "reset_parameters", _skipping_reset
     for name in _INIT_FUNCTIONS:
-        original = getattr(init, name, None)
-        if original is not None:
-            patched = _skipping_init(original)
-            _originals.append((init, name, original, patched))
-            setattr(init, name, patched)
+        if hasattr(init, name):
+            yield init, name, _skipping_init
 
 
-def _uninstall() -> None:
-    while _originals:
-        owner, name, original, patched = _originals.pop()
-        # Someone who patched on top of us keeps their patch; ours below it is transparent when not skipping.
-        current = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
-        if current is patched:
-            setattr(owner, name, original)
-
-
-def _acquire() -> None:
-    global _users
-    with _lock:
-        if _users == 0:
-            _install()
-        _users += 1
-
-
-def _release() -> None:
-    global _users
-    with _lock:
-        _users -= 1
-        if _users == 0:
-            _uninstall()
+# Installed while any scope (any thread) or the global switch is on; transparent for threads that are not skipping.
+PATCHES = PatchSet(_targets)
+_acquire, _release = PATCHES.acquire, PATCHES.release
 
 
 @contextlib.contextmanager

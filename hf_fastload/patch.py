@@ -23,13 +23,13 @@ import functools
 import threading
 from collections.abc import Iterator
 
+from .patching import PatchSet
+
 __all__ = ["is_routing", "route_globally", "routed", "suspended"]
 
-_lock = threading.Lock()
+_lock = threading.Lock()  # guards the global switch
 _local = threading.local()
-_users = 0
 _global = False
-_saved: list[tuple[type, object, object]] = []  # (owner class, original classmethod, patched classmethod)
 
 
 def is_routing() -> bool:
@@ -66,27 +66,13 @@ def _owners() -> list[type]:
     return [PreTrainedModel, _BaseAutoModelClass]
 
 
-def _acquire() -> None:
-    global _users
-    with _lock:
-        if _users == 0:
-            for owner in _owners():
-                original = owner.__dict__["from_pretrained"]
-                patched = _wrap(original)
-                _saved.append((owner, original, patched))
-                owner.from_pretrained = patched
-        _users += 1
+def _targets():
+    for owner in _owners():
+        yield owner, "from_pretrained", _wrap
 
 
-def _release() -> None:
-    global _users
-    with _lock:
-        _users -= 1
-        if _users == 0:
-            while _saved:
-                owner, original, patched = _saved.pop()
-                if owner.__dict__.get("from_pretrained") is patched:
-                    owner.from_pretrained = original
+PATCHES = PatchSet(_targets)
+_acquire, _release = PATCHES.acquire, PATCHES.release
 
 
 def take_entry():
@@ -101,8 +87,7 @@ def take_entry():
 
 def originals() -> dict[type, object]:
     """The unpatched classmethods, by owner class (for tests that check restoration by identity)."""
-    with _lock:
-        return {owner: original for owner, original, _ in _saved}
+    return {owner: original for (owner, _), original in PATCHES.originals().items()}
 
 
 @contextlib.contextmanager

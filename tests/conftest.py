@@ -46,9 +46,11 @@ def no_patch_left_behind():
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled(), "grad mode left switched off"
     assert nn.Module.__call__ is module_call and GenerationMixin.__dict__["generate"] is generate
     assert transformers.pipeline is pipeline
-    assert compat._users == 0 and not compat._saved, "transformers hooks left installed"
-    assert noinit._users == 0 and not noinit._global, "init patches left installed"
+    assert compat.PATCHES.users == 0 and not compat.PATCHES.saved, "transformers hooks left installed"
+    assert noinit.PATCHES.users == 0 and not noinit._global, "init patches left installed"
     assert nn.Linear.__dict__["reset_parameters"] is linear_reset
     assert nn.init.normal_ is normal
-    assert patch._users == 0 and not patch._saved and not patch._global, "from_pretrained routing left installed"
+    assert patch.PATCHES.users == 0 and not patch.PATCHES.saved and not patch._global, (
+        "from_pretrained routing left installed"
+    )
     assert not optin.is_enabled() and not optin._switch and optin._blocks == 0, "hf_fastload.enable() left on"

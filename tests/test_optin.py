@@ -354,7 +354,7 @@ def test_concurrent_enable_disable_and_blocks_end_consistent():
     hf_fastload.disable()
     assert not errors, errors
     _assert_restored(before)
-    assert optin._blocks == 0 and patch._users == 0
+    assert optin._blocks == 0 and patch.PATCHES.users == 0
 
 
 def _equal_models(a, b) -> bool:
