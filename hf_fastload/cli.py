@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("path", help="a local checkpoint folder (config.json + safetensors)")
     b.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     b.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype passed to both loads (none: not passed)")
-    b.add_argument("--io", choices=("auto", "mmap", "pread"), help="HF_FASTLOAD_IO for the fast loads")
+    b.add_argument("--io", choices=("auto", "mmap", "pread", "direct"), help="HF_FASTLOAD_IO for the fast loads")
     b.add_argument("--disable-mmap", action="store_true", help="pass disable_mmap=True (transformers 5)")
     b.add_argument("--runs", type=int, default=3, help="rounds of stock, fast and floor (default 3)")
     b.add_argument("--json", dest="json_path", metavar="OUT.json", help="write raw runs, summary and machine info")

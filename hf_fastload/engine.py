@@ -38,7 +38,7 @@ __all__ = ["LoadContext", "alloc_cpu", "materialize", "settings"]
 CHUNK_BYTES = 8 << 20
 READAHEAD_CHUNK = 32 << 20
 READAHEAD_THREADS = 8
-IO_MODES = ("auto", "mmap", "pread")
+IO_MODES = ("auto", "mmap", "pread", "direct")
 
 
 def settings() -> dict[str, Any]:
@@ -77,6 +77,7 @@ class LoadContext:
         self.errors: list[BaseException] = []
         self.readahead_bytes = 0
         self._planned: dict[tuple[str, str], tuple[Any, torch.dtype | None]] = {}
+        self.pipelines: dict[str, Any] = {}  # device -> stream.Pipeline, made on its first tensor
 
     def open(self, path: str | os.PathLike, device: Any = "cpu") -> SafetensorsFile:
         """The handle of ``path`` for this load (opened and validated once per file and device)."""
@@ -147,11 +148,49 @@ class LoadContext:
             target = self._planned.pop((ts.file.path, ts.info.name), None)
         return None if target is None else materialize(ts, *target)
 
+    def pipeline(self, device: torch.device, file: SafetensorsFile) -> Any:
+        """The device pipeline (:mod:`hf_fastload.stream`) for tensors going to ``device``, or None where tensors
+        take the CPU paths (a CPU target without ``HF_FASTLOAD_IO=direct``, or a device type without a backend)."""
+        key = str(device)
+        with self.lock:
+            if key in self.pipelines:
+                return self.pipelines[key]
+        from . import stream
+
+        backend = stream.backend_for(device, file.io)
+        pipe = None
+        if backend is not None:
+            budget = stream.pinned_budget()
+            pipe = stream.Pipeline(backend, _chunk_pool(self.threads).submit, self.threads, budget, self.failed)
+        with self.lock:
+            return self.pipelines.setdefault(key, pipe)
+
+    def io_summary(self) -> dict[str, str]:
+        """file -> "mode: why" for the report; files read by a device pipeline say so."""
+        with self.lock:
+            used = dict(self.io_used)
+            pipes = {k: p for k, p in self.pipelines.items() if p is not None}
+        for device, pipe in pipes.items():
+            for path in used:
+                mode = used[path].split(":")[0]
+                note = pipe.direct_notes.get(path)
+                if note:
+                    mode, why = note.split(": ", 1)
+                elif mode == "mmap":
+                    mode, why = "pread", "device pipeline reads with pread"
+                else:
+                    why = used[path].split(": ", 1)[1]
+                used[path] = f"{mode}: {why}; {pipe.describe()} to {device}"
+        return used
+
     def close(self) -> None:
-        """Closes every file of this load (tensors already made stay valid)."""
+        """Closes every file of this load and its device pipelines (tensors already made stay valid)."""
         with self.lock:
             self._planned.clear()
             handles = list(self.files.values())
+            pipes = [p for p in self.pipelines.values() if p is not None and not p.closed]
+        for pipe in pipes:
+            pipe.close()
         for handle in handles:
             handle.close()
 
@@ -164,6 +203,10 @@ class LoadContext:
             self.methods[method] = self.methods.get(method, 0) + 1
             self.first = start if self.first is None else min(self.first, start)
             self.last = now if self.last is None else max(self.last, now)
+
+    def failed(self) -> bool:
+        """True once any tensor of this load failed (chunks still queued for the load then stop early)."""
+        return bool(self.errors)
 
     def fail(self, error: BaseException) -> None:
         with self.lock:
@@ -315,8 +358,12 @@ def materialize(ts: TensorSlice, device: Any = None, dtype: torch.dtype | None =
     target = torch.device(device) if device is not None else torch.device("cpu")
     dtype = dtype or info.torch_dtype
     try:
+        pipe = ctx.pipeline(target, file) if ctx is not None and target.type != "meta" else None
         if target.type == "meta":
             out, method = torch.empty(info.shape, dtype=dtype, device="meta"), "meta"
+        elif pipe is not None:
+            out = pipe.load(file, info, dtype)
+            method = f"stream({pipe.backend.name}){'+cast' if dtype != info.torch_dtype else ''}"
         elif dtype != info.torch_dtype and file.io == "mmap":
             out, method = _convert_mapped(file, info, dtype), "convert"
         elif dtype != info.torch_dtype:

@@ -291,8 +291,9 @@ def fast_from_pretrained(
     report.files = sorted({h.path for h in ctx.files.values()})
     report.bytes_read, report.tensors_loaded, report.zero_copy = ctx.bytes_read, ctx.tensors, ctx.zero_copy
     report.methods = dict(ctx.methods)
-    if ctx.io_used:
-        modes = sorted(set(ctx.io_used.values()))
+    io_used = ctx.io_summary()
+    if io_used:
+        modes = sorted(set(io_used.values()))
         report.io = "+".join(sorted({m.split(":")[0] for m in modes}))
         report.io_reason = "; ".join(m.split(": ", 1)[1] for m in modes)
     if ctx.tensors == 0:
