@@ -6,6 +6,7 @@ run the scheduling — ring, back-pressure, chunk order, device-side casts, erro
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -209,3 +210,64 @@ def test_cuda_equals_stock(checkpoints, request_dtype):
     stock, stock_info, fast, fast_info = load_both(path, model_class("llama"), **kwargs)
     assert_same_model(stock, fast, stock_info, fast_info)
     assert all(m.startswith("stream(cuda)") for m in hf_fastload.last_report().methods)
+
+
+class _FakeEvent:
+    log: list = []
+
+    def record(self, stream):
+        self.log.append(("record", stream))
+
+    def synchronize(self):
+        self.log.append(("sync", self))
+
+
+class _FakeStream:
+    def __init__(self, device):
+        self.device = device
+        self.waits = []
+
+    def wait_event(self, event):
+        self.waits.append(event)
+
+
+def test_cuda_backend_call_sequence(tmp_path, small_ring, monkeypatch):
+    """CudaBackend's CUDA calls, replaced by CPU fakes: the pipeline makes one side stream per reader thread, makes
+    each stream wait for the allocation point before writing new memory, copies inside the stream's context, and
+    waits on an event per chunk before a tensor is returned."""
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_stream_ctx(s):
+        entered.append(s)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", fake_stream_ctx)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "default-stream")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    _FakeEvent.log = []
+
+    class CpuCuda(stream.CudaBackend):
+        def host_buffer(self, nbytes):  # pinned memory needs a CUDA build
+            return stream.Backend.host_buffer(self, nbytes)
+
+    backend = CpuCuda(torch.device("cpu", 0))
+    tensors = _tensors()
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    monkeypatch.setattr(stream, "backend_for", lambda device, io: backend)
+    ctx = LoadContext(io="pread", threads=2)
+    f = ctx.open(tmp_path / "t.safetensors")
+    for name, ref in tensors.items():
+        dtype = torch.float32 if ref.is_floating_point() else None
+        out = ctx.materialize(f.get_slice(name), "cpu", dtype)
+        want = ref.to(dtype) if dtype else ref
+        assert torch.equal(_bits(out), _bits(want)), name
+    ctx.close()
+    streams = {id(s): s for s in entered}
+    assert 1 <= len(streams) <= 2, "one side stream per reader thread"
+    assert all(isinstance(s, _FakeStream) for s in entered)
+    assert all(s.waits for s in streams.values()), "side streams wait for the allocation point"
+    kinds = [k for k, _ in _FakeEvent.log]
+    assert kinds.count("record") >= len(entered) // 2 and "sync" in kinds
