@@ -22,7 +22,7 @@ from _thread import get_ident  # not threading: this runs at interpreter start, 
 from collections.abc import Callable
 from types import ModuleType
 
-__all__ = ["install", "when_imported"]
+__all__ = ["forget", "install", "when_imported"]
 
 
 def _warn(what: str, error: BaseException) -> None:
@@ -34,7 +34,7 @@ def _warn(what: str, error: BaseException) -> None:
 
 
 class _PostImportFinder:
-    """Calls ``callback(module)`` right after the top-level module ``name`` is first executed; finds nothing."""
+    """Calls ``callback(module)`` right after the module ``name`` is first executed; finds nothing."""
 
     def __init__(self, name: str, callback: Callable[[ModuleType], None]) -> None:
         self.name, self.callback = name, callback
@@ -87,10 +87,10 @@ class _PostImportFinder:
 
 
 def when_imported(name: str, callback: Callable[[ModuleType], None]) -> None:
-    """Calls ``callback(module)`` right after the top-level module ``name`` is first imported (now if it already is).
+    """Calls ``callback(module)`` right after the module ``name`` is first imported (now if it already is).
 
     Args:
-        name (`str`): a top-level module name, e.g. `"transformers"`.
+        name (`str`): a module name, e.g. `"transformers"` or `"transformers.pipelines"`.
         callback (`Callable[[ModuleType], None]`): called once, with the module; what it raises becomes one line on
             stderr.
     """
@@ -101,8 +101,15 @@ def when_imported(name: str, callback: Callable[[ModuleType], None]) -> None:
         except Exception as e:
             _warn(f"the post-import hook for {name}", e)
         return
-    if not any(isinstance(f, _PostImportFinder) and f.name == name for f in sys.meta_path):
+    if not any(isinstance(f, _PostImportFinder) and f.name == name for f in sys.meta_path):  # one per module
         sys.meta_path.insert(0, _PostImportFinder(name, callback))
+
+
+def forget(name: str, callback: Callable[[ModuleType], None]) -> None:
+    """Cancels a :func:`when_imported` of ``name`` with ``callback`` that has not fired yet."""
+    for finder in [f for f in sys.meta_path if isinstance(f, _PostImportFinder)]:
+        if finder.name == name and finder.callback == callback:
+            finder._remove()
 
 
 def _enable(_module: ModuleType) -> None:

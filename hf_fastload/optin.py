@@ -22,36 +22,44 @@ function; the ``HF_FASTLOAD=1`` startup hook enables right after ``transformers`
 
 :func:`enable` and :func:`disable` are an idempotent switch; :func:`enabled` blocks nest and count, and the patches
 stay while the switch is on or any block is open. Everything is installed on the first use and removed after the
-last, under a lock; the originals are restored by identity.
+last, under a lock; the originals are restored by identity. Enabling imports nothing heavy: each patch goes in as
+soon as the module it patches (``transformers.modeling_utils``, ``transformers.pipelines``) has been imported.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
 from collections.abc import Iterator
 
 __all__ = ["disable", "enable", "enabled", "is_enabled"]
 
+# The modules the patches go into. Neither is imported by enabling: a program that imports transformers only for a
+# tokenizer must not pay for torch and the pipelines (about 5 s on the CI VM); each patch goes in when its module has
+# been imported, by then or later (a post-import hook), before the importing line returns.
+MODELING = "transformers.modeling_utils"
+PIPELINES = "transformers.pipelines"
+
 _lock = threading.Lock()
 _switch = False
 _blocks = 0
+_active = False  # the opt-in is on (the patches are in, or waiting for their modules)
+_routing = False  # from_pretrained routing installed
 _pipelines: tuple | None = None  # (transformers.pipeline, transformers.pipelines.pipeline, our wrapper) while on
 
 
 def is_enabled() -> bool:
     """Whether the opt-in is on (by :func:`enable` or an open :func:`enabled` block)."""
-    return _pipelines is not None
+    return _active
 
 
 def _preload() -> None:
-    """Imports what the patches touch, before taking the lock (an import may wait on another thread's import)."""
-    import transformers.modeling_utils  # noqa: F401
-    import transformers.models.auto.auto_factory  # noqa: F401
-    import transformers.pipelines  # noqa: F401
-
-    from . import pipeline  # noqa: F401
+    """Imports what the routing patch touches besides modeling_utils, before taking the lock (an import may wait on
+    another thread's import), and only once modeling_utils is there: enabling never imports torch itself."""
+    if MODELING in sys.modules:
+        import transformers.models.auto.auto_factory  # noqa: F401
 
 
 def _wrap_pipeline(original):
@@ -67,43 +75,62 @@ def _wrap_pipeline(original):
     return pipeline
 
 
-def _install() -> None:
+def _install_pipelines() -> None:
     global _pipelines
     import transformers
-    import transformers.pipelines as pipelines
 
-    from . import patch
-
+    pipelines = sys.modules[PIPELINES]
     top, sub = transformers.pipeline, pipelines.pipeline  # the first read resolves transformers' lazy attribute
     wrapper = _wrap_pipeline(sub)
-    patch.route_globally(True)
     transformers.pipeline = pipelines.pipeline = wrapper
     _pipelines = (top, sub, wrapper)
 
 
-def _uninstall() -> None:
+def _uninstall_pipelines() -> None:
     global _pipelines
     import transformers
-    import transformers.pipelines as pipelines
 
-    from . import patch
-
+    pipelines = sys.modules[PIPELINES]
     top, sub, wrapper = _pipelines
     if transformers.__dict__.get("pipeline") is wrapper:  # someone else's later patch is theirs to undo
         transformers.pipeline = top
     if pipelines.__dict__.get("pipeline") is wrapper:
         pipelines.pipeline = sub
-    patch.route_globally(False)
     _pipelines = None
+
+
+def _on_import(_module) -> None:
+    """Post-import hook of MODELING and PIPELINES: puts in the patch that was waiting for that module."""
+    _preload()
+    with _lock:
+        _update()
 
 
 def _update() -> None:
     """Installs or removes the patches to match the switch and the open blocks; call with ``_lock`` held."""
+    global _active, _routing
+    from . import hook, patch
+
     want = _switch or _blocks > 0
-    if want and _pipelines is None:
-        _install()
-    elif not want and _pipelines is not None:
-        _uninstall()
+    if want:
+        _active = True
+        if not _routing and MODELING in sys.modules:
+            patch.route_globally(True)
+            _routing = True
+        if _pipelines is None and PIPELINES in sys.modules:
+            _install_pipelines()
+        for name, done in ((MODELING, _routing), (PIPELINES, _pipelines is not None)):
+            if not done:
+                hook.when_imported(name, _on_import)
+    elif _active:
+        for name in (MODELING, PIPELINES):
+            hook.forget(name, _on_import)
+        if _pipelines is not None:
+            _uninstall_pipelines()
+        if _routing:
+            patch.route_globally(False)
+            _routing = False
+        _active = False
 
 
 def enable() -> None:

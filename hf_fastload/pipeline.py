@@ -21,10 +21,18 @@ import os
 from typing import Any
 
 import transformers
+import transformers.pipelines
 
 __all__ = ["fast_pipeline"]
 
-_stock_pipeline = transformers.pipeline
+
+def _stock_pipeline(*args, **kwargs):
+    """transformers' own ``pipeline`` (the original while the opt-in has replaced it)."""
+    from . import optin
+
+    saved = optin._pipelines
+    original = saved[1] if saved is not None else transformers.pipelines.pipeline
+    return original(*args, **kwargs)
 
 
 def _is_cpu(device: Any) -> bool:
@@ -91,7 +99,7 @@ def _inference_context():
     return torch.inference_mode
 
 
-_SIGNATURE = inspect.signature(_stock_pipeline)
+_SIGNATURE = inspect.signature(transformers.pipelines.pipeline)  # the wrapper of the opt-in keeps it too
 _HEADER = """hf_fastload's `transformers.pipeline`: same arguments, defaults and return value, with these differences:
 
     - a model given by name or path loads through `hf_fastload.fast_from_pretrained` (the pipeline still picks the
@@ -111,7 +119,7 @@ _HEADER = """hf_fastload's `transformers.pipeline`: same arguments, defaults and
 
     transformers' documentation of `pipeline` follows.
 """
-functools.update_wrapper(fast_pipeline, _stock_pipeline, assigned=("__doc__",), updated=())
+functools.update_wrapper(fast_pipeline, transformers.pipelines.pipeline, assigned=("__doc__",), updated=())
 fast_pipeline.__doc__ = _HEADER + "\n" + (fast_pipeline.__doc__ or "")
 _params = list(_SIGNATURE.parameters.values())
 _inference_param = inspect.Parameter("inference", inspect.Parameter.KEYWORD_ONLY, default=True, annotation="bool")
