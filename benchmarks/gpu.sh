@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 "$PY" -c "import torch, transformers, safetensors, accelerate" 2>/dev/null || "$PY" -m pip install -q -e .
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the device image has torch and transformers, not hf_fastload
+"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+# correctness on the GPU first (device pipeline vs stock, bit for bit), then speed
+"$PY" -m pytest -q -p no:cacheprovider tests/test_stream.py -k cuda 2>&1 | tail -5 || true
 CKPT=${HF_FASTLOAD_BENCH_CKPT:-/tmp/hf_fastload-llama-8b-bf16}
 RESULTS=${OUT:-benchmarks/results}
 mkdir -p "$RESULTS"
