@@ -375,8 +375,8 @@ class Pipeline:
 
     def _acquire(self) -> _Slot:
         while True:
-            if self.aborted():
-                raise LoadAborted("skipped: the load failed elsewhere")
+            if self.aborted() or self.closed:
+                raise LoadAborted("skipped: the load failed elsewhere" if not self.closed else "the load has ended")
             try:
                 slot = self._free.get(timeout=0.05)
                 break
