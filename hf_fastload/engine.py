@@ -26,11 +26,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Any
 
 import torch
 
+from .errors import CheckpointFileError, FastLoadError
 from .reader import SafetensorsFile, TensorInfo, TensorSlice, tensor_buffer
 
 __all__ = ["LoadContext", "alloc_cpu", "materialize", "settings"]
@@ -78,6 +80,9 @@ class LoadContext:
         self.readahead_bytes = 0
         self._planned: dict[tuple[str, str], tuple[Any, torch.dtype | None]] = {}
         self.pipelines: dict[str, Any] = {}  # device -> stream.Pipeline, made on its first tensor
+        self.closed = False  # set by close(): a task still running for a failed load opens nothing more
+        self.active = 0  # tensors being materialized now; close() waits for them
+        self._idle = threading.Condition(self.lock)
 
     def open(self, path: str | os.PathLike, device: Any = "cpu") -> SafetensorsFile:
         """The handle of ``path`` for this load (opened and validated once per file and device)."""
@@ -87,13 +92,21 @@ class LoadContext:
             handle = self.files.get(key)
         if handle is not None:
             return handle
+        if self.closed:
+            raise _ended(path)
         io, why = choose_io(path, self.io, self.prefer_pread)
         handle = SafetensorsFile(path, io=io, device=device)
         handle.context = self
         with self.lock:
-            fresh = not any(h.path == handle.path for h in self.files.values())
-            handle = self.files.setdefault(key, handle)
-            self.io_used.setdefault(handle.path, f"{io}: {why}")
+            late = self.closed  # close() ran while this file was being opened, and did not see it
+            fresh = not late and not any(h.path == handle.path for h in self.files.values())
+            mine, handle = handle, handle if late else self.files.setdefault(key, handle)
+            if not late:
+                self.io_used.setdefault(handle.path, f"{io}: {why}")
+        if mine is not handle or late:  # another thread opened it first: keep one descriptor
+            mine.close()
+        if late:
+            raise _ended(path)
         if fresh:
             self._readahead(handle)
         return handle
@@ -106,6 +119,8 @@ class LoadContext:
         already in the page cache the calls return at once. Skipped when the load would not fit in half of the
         available memory (it would evict its own pages), or with ``HF_FASTLOAD_READAHEAD=0``.
         """
+        if not getattr(self, "readahead", True):  # off for tensor-parallel loads: each rank reads only its shards
+            return
         if not hasattr(os, "posix_fadvise") or os.environ.get("HF_FASTLOAD_READAHEAD", "1").strip() == "0":
             return
         with self.lock:
@@ -183,16 +198,36 @@ class LoadContext:
                 used[path] = f"{mode}: {why}; {pipe.describe()} to {device}"
         return used
 
-    def close(self) -> None:
-        """Closes every file of this load and its device pipelines (tensors already made stay valid)."""
+    def close(self, timeout: float = 60.0) -> None:
+        """Closes every file of this load and its device pipelines (tensors already made stay valid).
+
+        First waits (up to ``timeout`` seconds) for the tensors still being materialized: after a failure or an
+        interrupt, transformers 5 leaves its own pool's running tasks behind; they stop at their next chunk (see
+        :meth:`check_alive`), and none of them is still reading or allocating for this load once ``close`` returns.
+        """
         with self.lock:
+            self.closed = True
             self._planned.clear()
+            self._idle.wait_for(lambda: self.active == 0, timeout)
             handles = list(self.files.values())
             pipes = [p for p in self.pipelines.values() if p is not None and not p.closed]
         for pipe in pipes:
             pipe.close()
         for handle in handles:
             handle.close()
+
+    def check_mapped(self) -> None:
+        """Raises CheckpointFileError if a file this load mapped now ends before its last tensor's data.
+
+        The model's zero-copy tensors are views of those mappings: had another process truncated the file during
+        the load, the first touch of such a tensor would kill this process with SIGBUS. Called before the model is
+        returned (one ``fstat`` per file); a truncation after that is the same hazard as for any mmap user.
+        """
+        with self.lock:
+            handles = list(self.files.values())
+        for handle in handles:
+            if handle._mmap is not None:
+                handle.check_size(handle.data_end)
 
     def record(self, info: TensorInfo, method: str, start: float) -> None:
         now = time.perf_counter()
@@ -204,6 +239,31 @@ class LoadContext:
             self.first = start if self.first is None else min(self.first, start)
             self.last = now if self.last is None else max(self.last, now)
 
+    def begin(self) -> None:
+        """Counts a tensor as being materialized; raises instead once the load has failed or ended, so that the
+        rest of a failed load is not read (transformers 5 records per-tensor errors and carries on)."""
+        with self.lock:
+            if self.errors or self.closed:
+                raise self._aborted()
+            self.active += 1
+
+    def end(self) -> None:
+        with self.lock:
+            self.active -= 1
+            if self.active == 0:
+                self._idle.notify_all()
+
+    def check_alive(self) -> None:
+        """Raises once the load has failed or ended: long reads call it between chunks."""
+        if self.errors or self.closed:
+            raise self._aborted()
+
+    def _aborted(self) -> FastLoadError:
+        if not self.errors:
+            return FastLoadError("not read: the load has ended (it failed or was interrupted)")
+        why = f"{type(self.errors[0]).__name__}: {self.errors[0]}"
+        return FastLoadError(f"not read: an earlier tensor of this load failed ({why[:300]})")
+
     def failed(self) -> bool:
         """True once any tensor of this load failed (chunks still queued for the load then stop early)."""
         return bool(self.errors)
@@ -211,6 +271,10 @@ class LoadContext:
     def fail(self, error: BaseException) -> None:
         with self.lock:
             self.errors.append(error)
+
+
+def _ended(path: str) -> CheckpointFileError:
+    return CheckpointFileError(f"{path}: the load that asked for this file has ended (it failed or was interrupted)")
 
 
 def _available_memory() -> int:
@@ -297,6 +361,9 @@ def _convert_mapped(file: SafetensorsFile, info: TensorInfo, dtype: torch.dtype)
     step = max(1, CHUNK_BYTES // size)
     for lo in range(0, info.numel, step):
         hi = min(lo + step, info.numel)
+        if file.context is not None:
+            file.context.check_alive()
+        file.check_size(info.start + hi * size, info.name)  # a page past a truncated end would be a SIGBUS
         dst[lo:hi].copy_(src[lo:hi])
         file.release(info, lo * size, hi * size)
     return out
@@ -309,12 +376,34 @@ def _staging_buffer() -> torch.Tensor:
     return buf
 
 
+def _read_chunk(file: SafetensorsFile, info: TensorInfo, out: memoryview, byte_offset: int) -> None:
+    if file.context is not None:
+        file.context.check_alive()
+    file.read_into(info, out, byte_offset)
+
+
 def _convert_chunk(file: SafetensorsFile, info: TensorInfo, out_flat: torch.Tensor, lo: int, hi: int) -> None:
+    if file.context is not None:
+        file.context.check_alive()
     src_dtype = info.torch_dtype
     size = src_dtype.itemsize
     staging = _staging_buffer()[: (hi - lo) * size]
     file.read_into(info, tensor_buffer(staging), lo * size)
     out_flat[lo:hi].copy_(staging.view(src_dtype))
+
+
+def _wait_all(futures: list[Future]) -> None:
+    """Waits for every chunk of one tensor. On the first failure, cancels the chunks not yet started and waits for
+    those running (they write into the output tensor and their thread's staging buffer) before raising it, so that no
+    task of a failed load is left behind in the persistent pool."""
+    try:
+        for f in futures:
+            f.result()
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        wait_futures(futures)
+        raise
 
 
 def _read_converted(file: SafetensorsFile, info: TensorInfo, dtype: torch.dtype, threads: int) -> torch.Tensor:
@@ -328,9 +417,7 @@ def _read_converted(file: SafetensorsFile, info: TensorInfo, dtype: torch.dtype,
     if len(bounds) == 1:
         _convert_chunk(file, info, out_flat, *bounds[0])
         return out
-    futures = [_chunk_pool(threads).submit(_convert_chunk, file, info, out_flat, lo, hi) for lo, hi in bounds]
-    for f in futures:
-        f.result()
+    _wait_all([_chunk_pool(threads).submit(_convert_chunk, file, info, out_flat, lo, hi) for lo, hi in bounds])
     return out
 
 
@@ -343,9 +430,7 @@ def _read_same(file: SafetensorsFile, info: TensorInfo, threads: int) -> torch.T
     if len(bounds) == 1:
         file.read_into(info, buf, 0)
         return out
-    futures = [_chunk_pool(threads).submit(file.read_into, info, buf[lo:hi], lo) for lo, hi in bounds]
-    for f in futures:
-        f.result()
+    _wait_all([_chunk_pool(threads).submit(_read_chunk, file, info, buf[lo:hi], lo) for lo, hi in bounds])
     return out
 
 
@@ -357,6 +442,8 @@ def materialize(ts: TensorSlice, device: Any = None, dtype: torch.dtype | None =
     start = time.perf_counter()
     target = torch.device(device) if device is not None else torch.device("cpu")
     dtype = dtype or info.torch_dtype
+    if ctx is not None:
+        ctx.begin()
     try:
         pipe = ctx.pipeline(target, file) if ctx is not None and target.type != "meta" else None
         if target.type == "meta":
@@ -369,6 +456,7 @@ def materialize(ts: TensorSlice, device: Any = None, dtype: torch.dtype | None =
         elif dtype != info.torch_dtype:
             out, method = _read_converted(file, info, dtype, threads), "pread+convert"
         elif file.io == "mmap":
+            file.check_size(info.start + info.nbytes, info.name)  # a view of pages past the end would be a SIGBUS
             out, method = file.view(info), "zero-copy"
         else:
             out, method = _read_same(file, info, threads), "pread"
@@ -378,6 +466,9 @@ def materialize(ts: TensorSlice, device: Any = None, dtype: torch.dtype | None =
         if ctx is not None:
             ctx.fail(e)
         raise
+    finally:
+        if ctx is not None:
+            ctx.end()
     if ctx is not None:
         ctx.record(info, method, start)
     return out

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import threading
 import time
 from typing import Any
@@ -67,7 +69,7 @@ def _resolve_class(model_class, source, kwargs):
 
 def _fallback_reason(source, kwargs, config) -> str | None:
     """Why the fast path cannot take this load, or None. Checked before loading anything."""
-    from . import compat
+    from . import compat, distributed
 
     if kwargs.get("state_dict") is not None:
         return "a state_dict was passed: there are no files to read"
@@ -82,9 +84,9 @@ def _fallback_reason(source, kwargs, config) -> str | None:
         return "quantized model (quantization_config): weights are handled by the quantizer"
     if kwargs.get("adapter_kwargs") or kwargs.get("adapter_name") or kwargs.get("_adapter_model_path"):
         return "adapter (PEFT) loading"
-    for key in ("tp_plan", "tp_size", "device_mesh", "distributed_config"):
-        if kwargs.get(key) is not None:
-            return f"{key}: tensor-parallel loads are not on the fast path yet"
+    tp_reason = distributed.tp_fallback_reason(kwargs)
+    if tp_reason is not None:
+        return tp_reason
     device_map = kwargs.get("device_map")
     if isinstance(device_map, dict) and "disk" in device_map.values():
         return "device_map offloads to disk"
@@ -110,12 +112,45 @@ def _fallback_reason(source, kwargs, config) -> str | None:
     return None
 
 
-def check_local_checkpoint(folder: str) -> None:
-    """For a local folder with a safetensors index: the index parses, and every shard it names exists.
+def _broken_entry(path: str) -> str | None:
+    """Why ``path``, which exists as a directory entry, cannot be read as a file; None when it is a regular file or
+    absent. transformers treats such an entry as absent and says there is no weights file, which misleads."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"is a symbolic link to a missing file ({os.readlink(path)!r})"
+    except OSError as e:  # ELOOP: a symbolic link loop; EACCES: a directory on the way is not searchable
+        return f"cannot be opened: {e.strerror or e}"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    return None if stat.S_ISREG(mode) else "is not a regular file"
 
-    transformers would fail on these too, later and with a message that does not name our problem.
+
+_SHARD_NAME = re.compile(r"-\d+-of-\d+\.safetensors$")
+
+
+def check_local_checkpoint(folder: str) -> None:
+    """Checks a local folder's safetensors files before a fast load; raises CheckpointFileError or
+    CheckpointContentError naming the file (and tensor) at fault.
+
+    - ``model.safetensors`` or the index that exists as a broken entry (a symlink loop, a dangling link, a directory);
+    - the index parses, and every shard it names exists and is readable;
+    - every tensor the index places in a shard is in that shard's header (else transformers 5 would initialize it
+      randomly as "missing", and 4.57 would return it on the meta device);
+    - a file named like a shard (``*-00003-of-00004.safetensors``) that the index does not name is not loaded: a
+      warning names it (a leftover of an earlier save with another shard count, or a shard missing from the index).
+
+    transformers would fail on most of these too, later and with a message that does not name our problem.
     """
+    from .reader import SafetensorsFile
+
     index_path = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    for path in (os.path.join(folder, SAFE_WEIGHTS_NAME), index_path):
+        broken = _broken_entry(path)
+        if broken is not None:
+            raise CheckpointFileError(f"checkpoint file {path} {broken}")
     if not os.path.isfile(index_path):
         return
     try:
@@ -130,13 +165,37 @@ def check_local_checkpoint(folder: str) -> None:
             f"invalid safetensors index {index_path}: expected a JSON object with a 'weight_map' of tensor name to "
             f"shard file, found an error: {e!r}"
         ) from None
-    for shard in sorted(shards):
-        if not isinstance(shard, str) or not os.path.isfile(os.path.join(folder, shard)):
-            names = sorted(k for k, v in weight_map.items() if v == shard)[:3]
+    by_shard: dict[Any, list[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(name)
+    for shard in sorted(shards, key=str):
+        names = sorted(by_shard[shard])
+        path = os.path.join(folder, str(shard))
+        if not isinstance(shard, str) or not os.path.isfile(path):
+            why = (_broken_entry(path) if isinstance(shard, str) else None) or "does not exist"
             raise CheckpointFileError(
-                f"{index_path} names shard {shard!r} (holding e.g. {names}) but {os.path.join(folder, str(shard))} "
-                "does not exist"
+                f"{index_path} names shard {shard!r} (holding e.g. {names[:3]}) but {path} {why}"
             )
+        handle = SafetensorsFile(path)  # reads and validates the header only
+        try:
+            absent = [name for name in names if name not in handle.tensors]
+        finally:
+            handle.close()
+        if absent:
+            raise CheckpointContentError(
+                f"{index_path} places tensor {absent[0]!r} in {path}, but that file has no such tensor"
+                f"{f' ({len(absent)} such tensors, e.g. {absent[:3]})' if len(absent) > 1 else ''}; "
+                "the index does not belong to these shards (was a shard replaced or the index edited?)"
+            )
+    try:
+        stray = sorted(n for n in os.listdir(folder) if _SHARD_NAME.search(n) and n not in shards)
+    except OSError:
+        stray = []
+    for name in stray:
+        _logger().warning(
+            f"hf_fastload: {os.path.join(folder, name)} looks like a checkpoint shard but {index_path} does not name "
+            "it: its tensors are not loaded (a leftover of an earlier save?)"
+        )
 
 
 def _shape_error(error: Exception, ctx, cls, source: str, kwargs: dict) -> CheckpointContentError | None:
@@ -182,6 +241,8 @@ def _how_initialized(model, missing: list[str]) -> dict[str, str]:
     """For each missing key: tied to a loaded tensor, or initialized by the model's _init_weights."""
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
+    # DTensors (tensor-parallel loads) have no storage of their own: compare their local shards
+    tensors = {k: t.to_local() if hasattr(t, "to_local") else t for k, t in tensors.items()}
     by_ptr: dict[int, str] = {}
     for name, t in tensors.items():
         if name not in missing and not t.is_meta and t.numel():
@@ -241,7 +302,7 @@ def fast_from_pretrained(
         model = fast_from_pretrained("./tiny-llama", dtype="float32")
         ```
     """
-    from . import compat, engine, patch
+    from . import compat, distributed, engine, patch
 
     entry = patch.take_entry()  # the original from_pretrained when a patched one routed this call here
     t0 = time.perf_counter()
@@ -263,6 +324,7 @@ def fast_from_pretrained(
         check_local_checkpoint(os.path.join(source, kwargs.get("subfolder") or ""))
     if reason is not None:
         out = _fallback(load, source, model_args, kwargs, report, reason, strict, t0)
+        report.rank, report.world_size = distributed.rank_and_world()
         _finished(report)
         return _inference(out, inference)
 
@@ -271,10 +333,12 @@ def fast_from_pretrained(
     if compat.HAS_DISABLE_MMAP and kwargs.get("disable_mmap"):
         prefer_pread, kwargs["disable_mmap"] = True, False  # we read with pread; stock would read whole files
     ctx = engine.LoadContext(io=knobs["io"], threads=knobs["threads"], prefer_pread=prefer_pread)
+    ctx.readahead = not distributed.tp_requested(kwargs)  # a tensor-parallel rank reads only its own shards
     t_build = time.perf_counter()
     try:
         with LOAD_LOCK, compat.hooks(ctx), patch.suspended():
             model, info = load(source, *model_args, output_loading_info=True, **kwargs)
+        ctx.check_mapped()  # a file truncated during the load: its zero-copy tensors would be a SIGBUS when touched
     except Exception as e:
         if ctx.errors:
             raise ctx.errors[0] from e
@@ -290,6 +354,8 @@ def fast_from_pretrained(
 
     report.files = sorted({h.path for h in ctx.files.values()})
     report.bytes_read, report.tensors_loaded, report.zero_copy = ctx.bytes_read, ctx.tensors, ctx.zero_copy
+    report.checkpoint_bytes = distributed.checkpoint_bytes(ctx)
+    report.rank, report.world_size = distributed.rank_and_world()
     report.methods = dict(ctx.methods)
     io_used = ctx.io_summary()
     if io_used:

@@ -10,7 +10,10 @@ Example:
     ```
 
 The header is parsed and checked in full before any tensor is touched: length within the file, valid UTF-8 JSON,
-known dtype names, integer shapes, ``shape x itemsize == byte length``, offsets inside the data region, no overlaps.
+no name listed twice with different entries, known dtype names, integer shapes, ``shape x itemsize == byte length``,
+offsets inside the data region, no overlaps. Tensors may be listed in any order, and gaps between them are allowed.
+A mapped read checks first that the file has not shrunk since it was opened (touching a mapped page past the end of
+a file is a SIGBUS, which kills the process).
 Every problem raises :class:`~hf_fastload.errors.CheckpointFileError` (an ``OSError``) or
 :class:`~hf_fastload.errors.CheckpointContentError` (a ``ValueError``) naming the file and the tensor.
 
@@ -95,6 +98,28 @@ def _content_error(path: str, what: str, tensor: str | None = None) -> Checkpoin
     return CheckpointContentError(f"invalid safetensors file {where}{what}")
 
 
+def _brief(value: Any, limit: int = 200) -> str:
+    """A header value as JSON, cut to ``limit`` characters for a message."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _JSONObject(dict):
+    """A JSON object that remembers keys given twice with different values (``json.loads`` keeps the last)."""
+
+    __slots__ = ("duplicates",)
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, Any]]) -> _JSONObject:
+        obj = cls()
+        obj.duplicates = []
+        for key, value in pairs:
+            if key in obj and obj[key] != value:
+                obj.duplicates.append((key, obj[key], value))
+            obj[key] = value
+        return obj
+
+
 def parse_header(path: str, raw_prefix: bytes, file_size: int, read_header) -> tuple[dict[str, TensorInfo], dict]:
     """Parses and validates a safetensors header.
 
@@ -123,17 +148,27 @@ def parse_header(path: str, raw_prefix: bytes, file_size: int, read_header) -> t
     if len(raw) != header_len:
         raise CheckpointFileError(f"truncated safetensors file {path}: read {len(raw)} of {header_len} header bytes")
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_JSONObject.from_pairs)
     except UnicodeDecodeError as e:
         raise _content_error(path, f"header is not valid UTF-8 ({e})") from None
     except json.JSONDecodeError as e:
         raise _content_error(path, f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise _content_error(path, f"header must be a JSON object, found {type(header).__name__}")
+    if header.duplicates:
+        key, first, last = header.duplicates[0]
+        raise _content_error(
+            path,
+            f"listed twice in the header with different entries ({_brief(first)} and {_brief(last)}); "
+            "the file is ambiguous (safetensors itself would silently take the last)",
+            key,
+        )
 
     data_start = _HEADER_PREFIX + header_len
     data_len = file_size - data_start
     metadata = header.pop("__metadata__", None) or {}
+    if getattr(metadata, "duplicates", None):
+        raise _content_error(path, f"__metadata__ lists key {metadata.duplicates[0][0]!r} twice with different values")
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -144,6 +179,8 @@ def parse_header(path: str, raw_prefix: bytes, file_size: int, read_header) -> t
     for name, entry in header.items():
         if not isinstance(entry, dict):
             raise _content_error(path, f"entry must be an object, found {type(entry).__name__}", name)
+        if entry.duplicates:
+            raise _content_error(path, f"entry lists {entry.duplicates[0][0]!r} twice with different values", name)
         dtype = entry.get("dtype")
         if dtype not in DTYPES:
             raise _content_error(path, f"unknown dtype {dtype!r}; known: {', '.join(sorted(DTYPES))}", name)
@@ -198,9 +235,13 @@ def pread_into(fd: int, path: str, buffer: memoryview, offset: int, tensor: str 
         except OSError as e:
             raise CheckpointFileError(f"cannot read {path} (tensor {tensor!r}) at offset {offset + done}: {e}") from e
         if n == 0:
+            try:
+                ends = f"the file ends at {os.fstat(fd).st_size}"
+            except OSError:
+                ends = f"no bytes could be read at offset {offset + done}"
             raise CheckpointFileError(
                 f"truncated safetensors file {path}: tensor {tensor!r} needs bytes up to offset {offset + total}, "
-                f"the file ended at {offset + done}"
+                f"{ends} (truncated while it was being loaded?)"
             )
         done += n
 
@@ -243,6 +284,8 @@ class SafetensorsFile:
         except BaseException:
             os.close(self.fd)
             raise
+        self.data_end = max((info.start + info.nbytes for info in self.tensors.values()), default=0)
+        self._ended = False  # closed by its owning load: no tensor may be read any more
 
     # -- safe_open interface -------------------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -270,6 +313,7 @@ class SafetensorsFile:
         """Closes the descriptor. Tensors already returned stay valid (a mapping lives as long as its views)."""
         with self._lock:
             fd, self.fd = self.fd, -1
+            self._ended = self.context is not None
         if fd >= 0:
             os.close(fd)
 
@@ -283,6 +327,10 @@ class SafetensorsFile:
     def _fd(self) -> int:
         if self.fd < 0:  # reopened on demand: transformers closes handles before every tensor is materialized
             with self._lock:
+                if self._ended:  # a task still running after its load failed: reopening would leak the descriptor
+                    raise CheckpointFileError(
+                        f"{self.path}: the load that opened this file has ended (it failed or was interrupted)"
+                    )
                 if self.fd < 0:
                     self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         return self.fd
@@ -294,6 +342,20 @@ class SafetensorsFile:
                 if self._mmap is None:
                     self._mmap = mmap.mmap(self._fd(), self.size, access=mmap.ACCESS_COPY)
         return self._mmap
+
+    def check_size(self, end: int, tensor: str | None = None) -> None:
+        """Raises CheckpointFileError if the file now holds fewer than ``end`` bytes.
+
+        Another process may truncate or rewrite the file while it is mapped; touching a mapped page past the file's
+        new end kills this process with SIGBUS. Mapped reads call this first (one ``fstat``).
+        """
+        size = os.fstat(self._fd()).st_size
+        if size < end:
+            what = f"tensor {tensor!r} needs bytes up to offset {end}" if tensor else f"its data ends at offset {end}"
+            raise CheckpointFileError(
+                f"safetensors file {self.path} shrank while it was being loaded: {what}, the file now ends at {size} "
+                f"(it had {self.size} bytes when opened); was it truncated or rewritten in place by another process?"
+            )
 
     def view(self, info: TensorInfo) -> torch.Tensor:
         """A zero-copy CPU view of one tensor (shares the file's pages until written)."""
@@ -353,6 +415,12 @@ class TensorSlice:
             ready = ctx.take(self)
             if ready is not None:
                 return ready
+        if not whole:  # a block of slices (a tensor-parallel shard): read only its bytes
+            from .distributed import read_index
+
+            part = read_index(self, key)
+            if part is not None:
+                return part
         full = materialize(self, device=self.file.device)
         if whole:
             return full

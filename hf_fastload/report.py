@@ -33,7 +33,12 @@ class LoadReport:
         reason (`str`, *optional*): why the load fell back to stock `from_pretrained`.
         io (`str`): how bytes were read (`"mmap"` or `"pread"`), and `io_reason` why.
         files (`list[str]`): checkpoint files opened.
-        bytes_read (`int`): tensor bytes read from them.
+        bytes_read (`int`): tensor bytes read from them; for a tensor-parallel shard, the bytes of the slice (or, with
+            `pread`, of the row span read to cut it), not the whole tensor.
+        checkpoint_bytes (`int`): tensor bytes in those files; `read_share` (in `to_dict()`) is
+            `bytes_read / checkpoint_bytes`, this rank's share of the checkpoint.
+        rank, world_size (`int`): this process's rank and the number of ranks (`torch.distributed`, else the
+            `RANK` / `WORLD_SIZE` environment); 0 and 1 outside a distributed run.
         tensors_loaded (`int`): tensors materialized; `zero_copy` of them are views of the file mapping;
             `methods` counts how each was made (`zero-copy`, `pread`, `convert`, `...+to(cuda)`).
         missing_keys (`dict[str, str]`): model keys the checkpoint lacks, and how each was initialized.
@@ -56,6 +61,9 @@ class LoadReport:
     threads: int = 1
     files: list[str] = field(default_factory=list)
     bytes_read: int = 0
+    checkpoint_bytes: int = 0
+    rank: int = 0
+    world_size: int = 1
     tensors_loaded: int = 0
     zero_copy: int = 0
     methods: dict[str, int] = field(default_factory=dict)
@@ -70,9 +78,15 @@ class LoadReport:
         read = self.seconds.get("read", 0.0)
         return self.bytes_read / read / 1e9 if read > 0 else 0.0
 
+    @property
+    def read_share(self) -> float:
+        """``bytes_read / checkpoint_bytes``: the share of the checkpoint this process read (0 when unknown)."""
+        return self.bytes_read / self.checkpoint_bytes if self.checkpoint_bytes else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["gb_per_s"] = round(self.gb_per_s, 3)
+        d["read_share"] = round(self.read_share, 4)
         return d
 
     def __str__(self) -> str:
@@ -88,6 +102,12 @@ class LoadReport:
             f"{len(self.files)} file(s), io={self.io}, {self.threads} threads, {self.gb_per_s:.2f} GB/s",
             f"  {phases}",
         ]
+        if self.world_size > 1:
+            lines.insert(
+                2,
+                f"  rank {self.rank} of {self.world_size}: read {self.bytes_read / 2**20:.1f} of "
+                f"{self.checkpoint_bytes / 2**20:.1f} MiB of the checkpoint ({self.read_share:.1%})",
+            )
         if self.missing_keys:
             shown = ", ".join(f"{k} ({v})" for k, v in list(self.missing_keys.items())[:5])
             more = f" and {len(self.missing_keys) - 5} more" if len(self.missing_keys) > 5 else ""

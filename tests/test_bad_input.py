@@ -10,10 +10,13 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
 import transformers
+from equivalence import assert_same_model
 from models import build_checkpoint
 
 import hf_fastload
@@ -57,7 +60,21 @@ def _load(folder, **kwargs):
 
 
 def _snapshot(folder):
-    return sorted((p, os.path.getsize(os.path.join(folder, p))) for p in os.listdir(folder))
+    return sorted((p, os.lstat(os.path.join(folder, p)).st_size) for p in os.listdir(folder))
+
+
+def _capture_warnings(monkeypatch) -> list[str]:
+    """The messages hf_fastload logs as warnings from now on (transformers' logging is at "error" in tests)."""
+    from hf_fastload import loader
+
+    seen: list[str] = []
+
+    class Logger:
+        def warning(self, message):
+            seen.append(message)
+
+    monkeypatch.setattr(loader, "_logger", Logger)
+    return seen
 
 
 def expect(folder, error, *fragments, **kwargs):
@@ -178,13 +195,6 @@ def test_shape_disagrees_with_config(tmp_path):
     assert "shape" in msg
 
 
-def test_not_a_file_error_on_directory_with_no_weights(tmp_path):
-    folder = build_checkpoint("llama", str(tmp_path / "m"), torch.float32)
-    os.remove(_weights(folder))
-    with pytest.raises(OSError):
-        _load(folder)
-
-
 def test_reader_alone(ckpt):
     path = _weights(ckpt)
     with SafetensorsFile(path) as f:
@@ -207,3 +217,223 @@ def test_next_load_succeeds_after_a_failure(ckpt, tmp_path):
     model = _load(str(good))
     assert hf_fastload.last_report().path == "fast"
     assert model is not None
+
+
+# --- header oddities that safetensors itself accepts or refuses --------------------------------------------------
+
+
+def _write_with_extra_entry(path, name, entry):
+    """Rewrites ``path`` with a second header entry for ``name`` (the JSON text lists the key twice)."""
+    header, data = _read(path)
+    blob = (json.dumps(header)[:-1] + ", " + json.dumps({name: entry})[1:-1] + "}").encode()
+    assert blob.count(json.dumps(name).encode()) == 2
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)) + blob + data)
+    return header
+
+
+def test_duplicate_tensor_name_with_different_entries(ckpt):
+    """json.loads keeps the last of two equal keys (so does safetensors): an ambiguous file is refused instead."""
+    path = _weights(ckpt)
+    header, _ = _read(path)
+    _write_with_extra_entry(path, "model.norm.weight", dict(header["model.norm.weight"], dtype="I32"))
+    expect(ckpt, CheckpointContentError, path, "model.norm.weight", "listed twice")
+
+
+def test_duplicate_tensor_name_with_identical_entries_loads(ckpt):
+    """Not ambiguous: loads, as with safetensors."""
+    path = _weights(ckpt)
+    header, _ = _read(path)
+    _write_with_extra_entry(path, "model.norm.weight", header["model.norm.weight"])
+    assert_same_model(transformers.LlamaForCausalLM.from_pretrained(ckpt), _load(ckpt))
+
+
+def test_header_order_differs_from_data_order(ckpt):
+    """safetensors sorts entries by offset, so a header listed in another order is valid; it loads equal to stock."""
+    path = _weights(ckpt)
+    header, data = _read(path)
+    shuffled = dict(reversed(list(header.items())))
+    assert list(shuffled) != list(header)
+    _write(path, shuffled, data)
+    assert_same_model(transformers.LlamaForCausalLM.from_pretrained(ckpt), _load(ckpt))
+    assert hf_fastload.last_report().path == "fast"
+
+
+def test_offsets_end_before_begin(ckpt):
+    path = _weights(ckpt)
+
+    def edit(h):
+        begin, end = h["model.norm.weight"]["data_offsets"]
+        h["model.norm.weight"]["data_offsets"] = [end, begin]
+
+    _edit_header(path, edit)
+    expect(ckpt, CheckpointContentError, path, "model.norm.weight", "data_offsets")
+
+
+def test_header_is_not_an_object(ckpt):
+    path = _weights(ckpt)
+    _, data = _read(path)
+    _write(path, [1, 2, 3], data)
+    expect(ckpt, CheckpointContentError, path, "JSON object", "list")
+
+
+def test_metadata_not_strings(ckpt):
+    path = _weights(ckpt)
+    _edit_header(path, lambda h: h.update(__metadata__={"format": {"nested": 1}}))
+    expect(ckpt, CheckpointContentError, path, "__metadata__")
+
+
+# --- folders: index, shards, links, permissions ------------------------------------------------------------------
+
+
+def _sharded(tmp_path):
+    folder = build_checkpoint("llama", str(tmp_path / "m"), torch.float32, sharded=True)
+    with open(os.path.join(folder, "model.safetensors.index.json")) as fh:
+        return folder, json.load(fh)["weight_map"]
+
+
+def test_tensor_in_index_absent_from_its_shard(tmp_path):
+    """Stock 5.x initializes such a tensor randomly (a "MISSING" line), 4.57 returns it on the meta device."""
+    folder, weight_map = _sharded(tmp_path)
+    shard = os.path.join(folder, weight_map["model.norm.weight"])
+    header, data = _read(shard)
+    del header["model.norm.weight"]  # its bytes stay in the data region, unreferenced
+    _write(shard, header, data)
+    expect(folder, CheckpointContentError, "model.norm.weight", shard, "no such tensor")
+
+
+def test_index_is_not_json(tmp_path):
+    folder, _ = _sharded(tmp_path)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    with open(index, "w") as fh:
+        fh.write("{'weight_map': ")
+    expect(folder, CheckpointContentError, index, "weight_map")
+
+
+def test_shard_the_index_does_not_name_warns_and_loads(tmp_path, monkeypatch):
+    folder, weight_map = _sharded(tmp_path)
+    stray = os.path.join(folder, "model-00007-of-00009.safetensors")
+    shutil.copy(os.path.join(folder, sorted(set(weight_map.values()))[0]), stray)
+    warnings = _capture_warnings(monkeypatch)
+    model = _load(folder)
+    assert hf_fastload.last_report().path == "fast"
+    assert_same_model(transformers.LlamaForCausalLM.from_pretrained(folder), model)
+    assert [w for w in warnings if stray in w and "does not name" in w], warnings
+
+
+def test_no_weights_at_all(tmp_path):
+    folder = build_checkpoint("llama", str(tmp_path / "m"), torch.float32)
+    os.remove(_weights(folder))
+    with pytest.raises(OSError) as info:  # transformers' own error, as stock: it names the folder
+        _load(folder)
+    assert folder in str(info.value)
+
+
+def test_symlink_loop(ckpt):
+    path = _weights(ckpt)
+    os.remove(path)
+    os.symlink("model.safetensors", path)
+    expect(ckpt, CheckpointFileError, path, "symbolic links")  # stock says there is no weights file
+
+
+def test_dangling_symlink(ckpt, tmp_path):
+    path = _weights(ckpt)
+    os.remove(path)
+    os.symlink(str(tmp_path / "gone.safetensors"), path)
+    expect(ckpt, CheckpointFileError, path, "missing file")
+
+
+def test_weights_name_is_a_directory(ckpt):
+    path = _weights(ckpt)
+    os.remove(path)
+    os.mkdir(path)
+    expect(ckpt, CheckpointFileError, path, "directory")
+
+
+def test_permission_denied(ckpt, monkeypatch):
+    path = _weights(ckpt)
+    if os.geteuid() != 0:
+        os.chmod(path, 0)
+    else:  # root reads a mode-000 file anyway: deny the open instead
+        real_open = os.open
+
+        def deny(p, *args, **kwargs):
+            if os.fspath(p) == path:
+                raise PermissionError(13, "Permission denied", p)
+            return real_open(p, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", deny)
+    try:
+        expect(ckpt, CheckpointFileError, path, "Permission denied")
+    finally:
+        os.chmod(path, 0o644)
+
+
+# --- a file truncated by another process while it loads ----------------------------------------------------------
+
+_TRUNCATE_DURING_LOAD = r"""
+import os, shutil, sys
+import torch
+import hf_fastload
+from hf_fastload import engine
+
+source, work = sys.argv[1], sys.argv[2]
+os.environ["HF_FASTLOAD_READAHEAD"] = "0"
+record, check = engine.LoadContext.record, engine.LoadContext.check_mapped
+for case in sys.argv[3:]:
+    io, when, dtype = case.split("-")
+    folder = shutil.copytree(source, os.path.join(work, case))
+    path = os.path.join(folder, "model.safetensors")
+    cut = []
+
+    def truncate():
+        if not cut:
+            cut.append(True)
+            os.truncate(path, 4096)  # past the header, before nearly every tensor's data
+
+    def after_first(self, *args):  # right after the first tensor is materialized; the others are still to come
+        record(self, *args)
+        truncate()
+
+    def before_check(self):  # after every tensor, right before the final check: only zero-copy views to guard
+        truncate()
+        check(self)
+
+    engine.LoadContext.record, engine.LoadContext.check_mapped = record, check
+    if when == "first":
+        engine.LoadContext.record = after_first
+    else:
+        engine.LoadContext.check_mapped = before_check
+    os.environ["HF_FASTLOAD_IO"] = io
+    try:
+        hf_fastload.fast_from_pretrained(folder, dtype={"same": torch.float32, "convert": torch.bfloat16}[dtype])
+    except hf_fastload.CheckpointFileError as e:
+        print(f"{case}: CheckpointFileError: {e}", flush=True)
+    else:
+        print(f"{case}: returned a model (truncated: {bool(cut)})", flush=True)
+"""
+
+TRUNCATION_CASES = [  # io-when-dtype
+    "mmap-first-same", "mmap-first-convert", "pread-first-same", "pread-first-convert", "mmap-end-same",
+]  # fmt: skip
+
+
+def test_truncated_by_another_process_during_the_load(ckpt, tmp_path):
+    """Touching a mapped page past a file's new end is a SIGBUS, which would kill the interpreter: mapped reads check
+    the size first, and the model is not returned if a mapped file shrank. Runs in a child, so that a crash is seen;
+    one child for every case (I/O mode, truncated after the first tensor or at the end, same dtype or converting)."""
+    script = tmp_path / "truncate.py"
+    script.write_text(_TRUNCATE_DURING_LOAD)
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(script), ckpt, str(work), *TRUNCATION_CASES], capture_output=True, text=True, timeout=300
+    )
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0, f"exit code {proc.returncode} (-7 is SIGBUS) after {lines}: {proc.stderr[-2000:]}"
+    assert len(lines) == len(TRUNCATION_CASES), lines
+    for case, line in zip(TRUNCATION_CASES, lines):
+        path = str(work / case / "model.safetensors")
+        assert line.startswith(f"{case}: CheckpointFileError: ") and path in line, line
+        assert "shrank" in line or "truncated" in line, line

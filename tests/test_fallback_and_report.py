@@ -42,7 +42,7 @@ def test_strict_env(tmp_path, monkeypatch):
     [
         ({"use_safetensors": False}, "use_safetensors"),
         ({"gguf_file": "x.gguf"}, "GGUF"),
-        ({"tp_plan": "auto"}, "tensor-parallel"),
+        ({"device_mesh": object()}, "device_mesh without tp_plan"),
         ({"device_map": {"": "disk"}}, "disk"),
     ],
 )
