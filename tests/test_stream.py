@@ -271,3 +271,37 @@ def test_cuda_backend_call_sequence(tmp_path, small_ring, monkeypatch):
     assert all(s.waits for s in streams.values()), "side streams wait for the allocation point"
     kinds = [k for k, _ in _FakeEvent.log]
     assert kinds.count("record") >= len(entered) // 2 and "sync" in kinds
+
+
+def test_each_device_gets_its_own_pipeline(tmp_path, small_ring, monkeypatch):
+    """Tensors for two devices, requested from several threads at once (as transformers' loader threads do), go
+    through two pipelines, each with its own ring and backend, concurrently; every tensor comes out right."""
+    tensors = {f"t{i}": torch.randn(40, 100 + i) for i in range(8)}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    backends = {"cpu:0": stream.StandInBackend(delay=0.0005), "cpu:1": stream.StandInBackend(delay=0.0005)}
+    monkeypatch.setattr(stream, "backend_for", lambda device, io: backends[str(device)])
+    ctx = LoadContext(io="pread", threads=4)
+    f = ctx.open(tmp_path / "t.safetensors")
+    out, errors = {}, []
+
+    def load(name, device):
+        try:
+            out[name] = ctx.materialize(f.get_slice(name), device, torch.bfloat16)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=load, args=(n, f"cpu:{i % 2}")) for i, n in enumerate(tensors)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pipes = dict(ctx.pipelines)
+    ctx.close()
+    for backend in backends.values():
+        backend.close()
+    assert not errors
+    assert set(pipes) == {"cpu:0", "cpu:1"} and pipes["cpu:0"] is not pipes["cpu:1"]
+    assert all(pipes[k].backend is backends[k] for k in pipes)
+    assert all(b.copies >= 4 for b in backends.values()), "each device streamed its own tensors"
+    for name, ref in tensors.items():
+        assert torch.equal(out[name], ref.to(torch.bfloat16)), name
