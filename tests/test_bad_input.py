@@ -406,12 +406,15 @@ for case in sys.argv[3:]:
     else:
         engine.LoadContext.check_mapped = before_check
     os.environ["HF_FASTLOAD_IO"] = io
+    want = {"same": torch.float32, "convert": torch.bfloat16}[dtype]
     try:
-        hf_fastload.fast_from_pretrained(folder, dtype={"same": torch.float32, "convert": torch.bfloat16}[dtype])
+        model = hf_fastload.fast_from_pretrained(folder, dtype=want)
     except hf_fastload.CheckpointFileError as e:
         print(f"{case}: CheckpointFileError: {e}", flush=True)
-    else:
-        print(f"{case}: returned a model (truncated: {bool(cut)})", flush=True)
+    else:  # acceptable only when every byte had been read before the cut (pread reads are copies)
+        stock = type(model).from_pretrained(source, dtype=want).state_dict()
+        equal = all(torch.equal(stock[k], v) for k, v in model.state_dict().items())
+        print(f"{case}: returned a model (truncated: {bool(cut)}, equal to the original: {equal})", flush=True)
 """
 
 TRUNCATION_CASES = [  # io-when-dtype
@@ -435,5 +438,10 @@ def test_truncated_by_another_process_during_the_load(ckpt, tmp_path):
     assert len(lines) == len(TRUNCATION_CASES), lines
     for case, line in zip(TRUNCATION_CASES, lines):
         path = str(work / case / "model.safetensors")
+        if case.startswith("pread") and "returned a model" in line:
+            # transformers 5 reads tensors from 4 threads: all of a tiny model may be read before the cut. A model
+            # of copies made before it is right; a wrong one never is.
+            assert line.endswith("equal to the original: True)"), line
+            continue
         assert line.startswith(f"{case}: CheckpointFileError: ") and path in line, line
         assert "shrank" in line or "truncated" in line, line
