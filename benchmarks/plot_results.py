@@ -44,7 +44,7 @@ def main() -> None:
         for mode in bars:
             bars[mode].append(summary.get(mode, {}).get("seconds_median", 0.0))
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 2.0 * len(cases)), 4))
     width = 0.27
     colors = {"stock": "#c44e52", "fast": "#4c72b0", "floor": "#999999"}
     for i, (mode, values) in enumerate(bars.items()):
