@@ -131,7 +131,7 @@ def _broken_entry(path: str) -> str | None:
 _SHARD_NAME = re.compile(r"-\d+-of-\d+\.safetensors$")
 
 
-def check_local_checkpoint(folder: str) -> None:
+def check_local_checkpoint(folder: str, ctx: Any = None) -> None:
     """Checks a local folder's safetensors files before a fast load; raises CheckpointFileError or
     CheckpointContentError naming the file (and tensor) at fault.
 
@@ -142,7 +142,9 @@ def check_local_checkpoint(folder: str) -> None:
     - a file named like a shard (``*-00003-of-00004.safetensors``) that the index does not name is not loaded: a
       warning names it (a leftover of an earlier save with another shard count, or a shard missing from the index).
 
-    transformers would fail on most of these too, later and with a message that does not name our problem.
+    transformers would fail on most of these too, later and with a message that does not name our problem. With the
+    load's ``ctx`` (a :class:`~hf_fastload.engine.LoadContext`), shards are opened through it, so the headers read
+    here are the ones the load uses (each file is opened and parsed once).
     """
     from .reader import SafetensorsFile
 
@@ -176,10 +178,9 @@ def check_local_checkpoint(folder: str) -> None:
             raise CheckpointFileError(
                 f"{index_path} names shard {shard!r} (holding e.g. {names[:3]}) but {path} {why}"
             )
-        handle = SafetensorsFile(path)  # reads and validates the header only
-        try:
-            absent = [name for name in names if name not in handle.tensors]
-        finally:
+        handle = ctx.open(path) if ctx is not None else SafetensorsFile(path)  # reads and validates the header
+        absent = [name for name in names if name not in handle.tensors]
+        if ctx is None:
             handle.close()
         if absent:
             raise CheckpointContentError(
@@ -320,8 +321,6 @@ def fast_from_pretrained(
     device_map = kwargs.get("device_map")
     report.device = str(device_map) if device_map is not None else "cpu"
     reason = _fallback_reason(source, kwargs, config)
-    if reason is None and os.path.isdir(source):
-        check_local_checkpoint(os.path.join(source, kwargs.get("subfolder") or ""))
     if reason is not None:
         out = _fallback(load, source, model_args, kwargs, report, reason, strict, t0)
         report.rank, report.world_size = distributed.rank_and_world()
@@ -334,6 +333,12 @@ def fast_from_pretrained(
         prefer_pread, kwargs["disable_mmap"] = True, False  # we read with pread; stock would read whole files
     ctx = engine.LoadContext(io=knobs["io"], threads=knobs["threads"], prefer_pread=prefer_pread)
     ctx.readahead = not distributed.tp_requested(kwargs)  # a tensor-parallel rank reads only its own shards
+    if os.path.isdir(source):
+        try:
+            check_local_checkpoint(os.path.join(source, kwargs.get("subfolder") or ""), ctx)
+        except BaseException:
+            ctx.close()
+            raise
     t_build = time.perf_counter()
     try:
         with LOAD_LOCK, compat.hooks(ctx), patch.suspended():
