@@ -41,7 +41,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent.futures import FIRST_EXCEPTION, Future
 from concurrent.futures import wait as wait_futures
 from typing import Any
 
@@ -84,6 +84,7 @@ class Backend:
 
     name = "?"
     asynchronous = False
+    shared = False  # made by someone else for several loads (a stand-in): they close it, not the pipeline
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -110,6 +111,10 @@ class Backend:
 
     def wait(self, event: Any) -> None:
         pass
+
+    def free_host(self, nbytes: int) -> None:
+        """Called when a ring of ``nbytes`` from :meth:`host_buffer` is dropped (for accounting; memory is freed
+        when its last tensor goes)."""
 
     def close(self) -> None:
         pass
@@ -206,6 +211,7 @@ class StandInBackend(Backend):
 
     name = "standin"
     asynchronous = True
+    shared = True
 
     def __init__(self, device: str = "cpu", delay: float = 0.0, oom_after_bytes: int | None = None,
                  fail_copy_at: int | None = None):  # fmt: skip
@@ -468,8 +474,16 @@ class Pipeline:
         events: list[Any] = [None] * len(bounds)
         after = backend.mark()
 
+        failed = threading.Event()  # set by the first chunk that fails: the tensor's other chunks read nothing more
+
         def chunk(i: int, lo: int, hi: int) -> None:
-            slot = self._acquire()
+            if failed.is_set():
+                raise LoadAborted("skipped: another chunk of this tensor failed")
+            try:
+                slot = self._acquire()
+            except BaseException:
+                failed.set()
+                raise
             event = stream = None
             try:
                 host = self._read(file, info, lo, hi - lo, slot)
@@ -483,6 +497,9 @@ class Pipeline:
                 else:
                     backend.copy(out_bytes[lo:hi], host, stream, after)
                 event = events[i] = backend.record(stream)
+            except BaseException:
+                failed.set()
+                raise
             finally:
                 if event is None and stream is not None:  # a copy may be queued: the slot waits for it
                     with contextlib.suppress(BaseException):
@@ -491,6 +508,7 @@ class Pipeline:
 
         futures: list[Future] = [self.submit(chunk, i, lo, hi) for i, (lo, hi) in enumerate(bounds)]
         try:
+            wait_futures(futures, return_when=FIRST_EXCEPTION)  # a failure is seen at once, not in chunk order
             for f in futures:
                 f.result()
             for event in events:
@@ -502,6 +520,10 @@ class Pipeline:
             for event in events:
                 with contextlib.suppress(BaseException):
                     backend.wait(event)
+            first = next((f.exception() for f in futures if not f.cancelled() and f.exception() is not None
+                          and not isinstance(f.exception(), LoadAborted)), None)  # fmt: skip
+            if first is not None:
+                raise first from None  # the chunk's own error, not a sibling's "skipped"
             raise
         return out
 
@@ -524,7 +546,7 @@ class Pipeline:
         for fd in fds.values():
             if fd is not None:
                 os.close(fd)
-        if host is not None and isinstance(self.backend, StandInBackend):
+        if host is not None:
             self.backend.free_host(host.numel())
-        if not isinstance(self.backend, StandInBackend):  # a stand-in is closed by whoever made it
+        if not self.backend.shared:
             self.backend.close()
