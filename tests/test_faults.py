@@ -111,6 +111,23 @@ def _after_failures(ckpt, baseline: dict, pools: set) -> None:
     assert_same_model(stock, fast)
 
 
+def _failing_alloc(real, at: int, make_error, made: list | None = None):
+    """An ``alloc_cpu`` whose ``at``-th call raises ``make_error()`` (a new exception each time: one kept here would
+    keep its traceback's frames, and their tensors, alive); the others allocate, recorded in ``made`` as weakrefs."""
+    calls = [0]
+
+    def alloc(shape, dtype):
+        calls[0] += 1
+        if calls[0] == at:
+            raise make_error()
+        out = real(shape, dtype)
+        if made is not None:
+            made.append(weakref.ref(out))
+        return out
+
+    return alloc
+
+
 @pytest.mark.parametrize("error", [MemoryError, RuntimeError])
 @pytest.mark.parametrize("io", ["mmap", "pread"])
 def test_allocation_failure(ckpt, baseline, monkeypatch, error, io):
@@ -119,16 +136,7 @@ def test_allocation_failure(ckpt, baseline, monkeypatch, error, io):
     made: list[weakref.ref] = []
     real = engine.alloc_cpu
     for _ in range(5):
-        calls = [0]
-
-        def alloc(shape, dtype, calls=calls):
-            calls[0] += 1
-            if calls[0] == 3:
-                raise error("out of memory (simulated) allocating 8.00 GiB")
-            out = real(shape, dtype)
-            made.append(weakref.ref(out))
-            return out
-
+        alloc = _failing_alloc(real, 3, lambda: error("out of memory (simulated) allocating 8.00 GiB"), made)
         monkeypatch.setattr(engine, "alloc_cpu", alloc)
         with pytest.raises(error) as info:
             hf_fastload.fast_from_pretrained(ckpt, model_class=LLAMA, dtype=torch.bfloat16)
@@ -194,15 +202,7 @@ def test_keyboard_interrupt(ckpt, baseline, monkeypatch):
     transformers 5 leaves running in its pool open nothing more."""
     real = engine.alloc_cpu
     for _ in range(3):
-        calls = [0]
-
-        def alloc(shape, dtype, calls=calls):
-            calls[0] += 1
-            if calls[0] == 4:
-                raise KeyboardInterrupt
-            return real(shape, dtype)
-
-        monkeypatch.setattr(engine, "alloc_cpu", alloc)
+        monkeypatch.setattr(engine, "alloc_cpu", _failing_alloc(real, 4, KeyboardInterrupt))
         with pytest.raises(KeyboardInterrupt):
             hf_fastload.fast_from_pretrained(ckpt, model_class=LLAMA, dtype=torch.bfloat16)
         pools = set(engine._pools)  # the pools this kind of load uses exist from its first failure on
