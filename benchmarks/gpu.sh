@@ -18,5 +18,5 @@ RESULTS=${OUT:-benchmarks/results}
 mkdir -p "$RESULTS"
 [ -f "$CKPT/config.json" ] || "$PY" benchmarks/make_checkpoint.py "$CKPT" --params 8e9 --dtype bf16 --shards 4
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" -m hf_fastload.cli bench "$CKPT" --device cuda --dtype bfloat16 --runs 3 \
+"$PY" -m hf_fastload.tools.cli bench "$CKPT" --device cuda --dtype bfloat16 --runs 3 \
   --json "$RESULTS/gpu-h200-$(date +%Y-%m-%d).json"

@@ -19,7 +19,7 @@ the table shows the median of ``--runs`` runs.
   happen before the clock starts. Both load with ``dtype=--dtype``.
 
 ``--make PARAMS`` first writes a synthetic bf16 Llama checkpoint of about PARAMS parameters into the folder (with
-``hf_fastload.checkpoint_maker``). A folder without a tokenizer gets a small WordPiece tokenizer trained on a few
+``hf_fastload.tools.checkpoint_maker``). A folder without a tokenizer gets a small WordPiece tokenizer trained on a few
 sentences (its ids are far below the model's vocabulary size; ids it lacks decode to nothing).
 """
 
@@ -35,8 +35,8 @@ import subprocess
 import sys
 import time
 
-from hf_fastload.bench_worker import reset_peak_rss as _reset_peak
-from hf_fastload.bench_worker import vm_bytes as _vm
+from hf_fastload.tools.bench_worker import reset_peak_rss as _reset_peak
+from hf_fastload.tools.bench_worker import vm_bytes as _vm
 
 FORWARD_CASES = ("forward-plain", "forward-inference_mode")
 PIPELINE_CASES = ("pipeline-stock", "pipeline-fast")
@@ -103,7 +103,7 @@ def _worker(args) -> int:
 
 def _make(path: str, params: float) -> None:
     try:
-        from hf_fastload.checkpoint_maker import make_checkpoint
+        from hf_fastload.tools.checkpoint_maker import make_checkpoint
     except ImportError:  # older trees: build a small Llama and save it
         import torch
         import transformers

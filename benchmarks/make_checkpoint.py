@@ -1,6 +1,6 @@
 """Writes a synthetic Llama checkpoint for benchmarks: ``python benchmarks/make_checkpoint.py OUT --params 1e9``.
 
-A thin command line over :mod:`hf_fastload.checkpoint_maker` (which the package's ``hf-fastload demo`` uses too).
+A thin command line over :mod:`hf_fastload.tools.checkpoint_maker` (which the package's ``hf-fastload demo`` uses too).
 
 Example:
     ```bash
@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 
-from hf_fastload.checkpoint_maker import DTYPE_NAMES, LlamaDims, llama_dims, make_checkpoint
+from hf_fastload.tools.checkpoint_maker import DTYPE_NAMES, LlamaDims, llama_dims, make_checkpoint
 
 __all__ = ["LlamaDims", "llama_dims", "main", "make_checkpoint"]
 

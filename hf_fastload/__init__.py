@@ -11,6 +11,11 @@ Example:
     ```
 
 Importing this package is cheap: torch and transformers are imported on first use of a name that needs them.
+
+The package is built in layers, each importing only from the layers below it (checked in CI by import-linter,
+``.importlinter``): ``tools`` (the CLI, benchmarks) > ``features`` (``fast_pipeline``, the opt-in) >
+``integration`` (transformers: ``fast_from_pretrained``, hooks, routing) > ``engine`` (bytes to tensors on a
+device) > ``format`` (safetensors files and folders) and ``report``, over ``errors``.
 """
 
 from __future__ import annotations
@@ -20,24 +25,25 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it (imported on first use)
 _EXPORTS = {
-    "fast_from_pretrained": "loader",
-    "fast_pipeline": "pipeline",
-    "inference_mode": "inference",
-    "training_mode": "inference",
+    "fast_from_pretrained": "integration.loader",
+    "fast_pipeline": "features.pipeline",
+    "inference_mode": "integration.inference",
+    "training_mode": "integration.inference",
     "last_report": "report",
     "LoadReport": "report",
-    "skip_init": "noinit",
-    "disable_torch_init": "noinit",
-    "restore_torch_init": "noinit",
+    "skip_init": "integration.noinit",
+    "disable_torch_init": "integration.noinit",
+    "restore_torch_init": "integration.noinit",
     "FastLoadError": "errors",
     "CheckpointFileError": "errors",
     "CheckpointContentError": "errors",
     "FallbackRequiredError": "errors",
     "VerificationError": "errors",
-    "enable": "optin",
-    "disable": "optin",
-    "enabled": "optin",
+    "enable": "features.optin",
+    "disable": "features.optin",
+    "enabled": "features.optin",
 }
 
 __all__ = [
@@ -69,11 +75,11 @@ if TYPE_CHECKING:
         FastLoadError,
         VerificationError,
     )
-    from .inference import inference_mode, training_mode
-    from .loader import fast_from_pretrained
-    from .noinit import disable_torch_init, restore_torch_init, skip_init
-    from .optin import disable, enable, enabled
-    from .pipeline import fast_pipeline
+    from .features.optin import disable, enable, enabled
+    from .features.pipeline import fast_pipeline
+    from .integration.inference import inference_mode, training_mode
+    from .integration.loader import fast_from_pretrained
+    from .integration.noinit import disable_torch_init, restore_torch_init, skip_init
     from .report import LoadReport, last_report
 
 

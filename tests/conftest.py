@@ -36,7 +36,8 @@ def no_patch_left_behind():
     import transformers
     from transformers.generation.utils import GenerationMixin
 
-    from hf_fastload import compat, noinit, optin, patch
+    from hf_fastload.features import optin
+    from hf_fastload.integration import compat, noinit, routing
 
     linear_reset = nn.Linear.__dict__["reset_parameters"]
     normal = nn.init.normal_
@@ -50,7 +51,7 @@ def no_patch_left_behind():
     assert noinit.PATCHES.users == 0 and not noinit._global, "init patches left installed"
     assert nn.Linear.__dict__["reset_parameters"] is linear_reset
     assert nn.init.normal_ is normal
-    assert patch.PATCHES.users == 0 and not patch.PATCHES.saved and not patch._global, (
+    assert routing.PATCHES.users == 0 and not routing.PATCHES.saved and not routing._global, (
         "from_pretrained routing left installed"
     )
     assert not optin.is_enabled() and not optin._switch and optin._blocks == 0, "hf_fastload.enable() left on"

@@ -21,7 +21,7 @@ from models import build_checkpoint
 
 import hf_fastload
 from hf_fastload import CheckpointContentError, CheckpointFileError, FastLoadError
-from hf_fastload.reader import SafetensorsFile
+from hf_fastload.engine.handle import SafetensorsHandle
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def _snapshot(folder):
 
 def _capture_warnings(monkeypatch) -> list[str]:
     """The messages hf_fastload logs as warnings from now on (transformers' logging is at "error" in tests)."""
-    from hf_fastload import loader
+    from hf_fastload.integration import loader
 
     seen: list[str] = []
 
@@ -197,7 +197,7 @@ def test_shape_disagrees_with_config(tmp_path):
 
 def test_reader_alone(ckpt):
     path = _weights(ckpt)
-    with SafetensorsFile(path) as f:
+    with SafetensorsHandle(path) as f:
         keys = f.keys()
         assert "lm_head.weight" in keys
         assert f.metadata() == {"format": "pt"}
@@ -206,7 +206,7 @@ def test_reader_alone(ckpt):
         with pytest.raises(CheckpointContentError, match="no tensor named"):
             f.get_slice("nope")
     with pytest.raises(CheckpointFileError, match="cannot open"):
-        SafetensorsFile(os.path.join(ckpt, "absent.safetensors"))
+        SafetensorsHandle(os.path.join(ckpt, "absent.safetensors"))
 
 
 def test_next_load_succeeds_after_a_failure(ckpt, tmp_path):
@@ -376,11 +376,11 @@ _TRUNCATE_DURING_LOAD = r"""
 import os, shutil, sys
 import torch
 import hf_fastload
-from hf_fastload import engine
+from hf_fastload.engine.context import LoadContext
 
 source, work = sys.argv[1], sys.argv[2]
 os.environ["HF_FASTLOAD_READAHEAD"] = "0"
-record, check = engine.LoadContext.record, engine.LoadContext.check_mapped
+record, check = LoadContext.record, LoadContext.check_mapped
 for case in sys.argv[3:]:
     io, when, dtype = case.split("-")
     folder = shutil.copytree(source, os.path.join(work, case))
@@ -400,11 +400,11 @@ for case in sys.argv[3:]:
         truncate()
         check(self)
 
-    engine.LoadContext.record, engine.LoadContext.check_mapped = record, check
+    LoadContext.record, LoadContext.check_mapped = record, check
     if when == "first":
-        engine.LoadContext.record = after_first
+        LoadContext.record = after_first
     else:
-        engine.LoadContext.check_mapped = before_check
+        LoadContext.check_mapped = before_check
     os.environ["HF_FASTLOAD_IO"] = io
     want = {"same": torch.float32, "convert": torch.bfloat16}[dtype]
     try:

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from hf_fastload import cli
-from hf_fastload.checkpoint_maker import llama_dims, make_checkpoint
+from hf_fastload.tools import bench, cli
+from hf_fastload.tools.checkpoint_maker import llama_dims, make_checkpoint
 
 TINY = 2e6
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,14 +90,14 @@ def test_make_checkpoint_is_deterministic_and_replaces_old_shards(tmp_path):
 
 
 def test_importing_the_cli_is_cheap():
-    code = "import sys, hf_fastload.cli, hf_fastload.bench_worker; print('torch' in sys.modules)"
+    code = "import sys, hf_fastload.tools.cli, hf_fastload.tools.bench_worker; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_bench_writes_json_with_every_mode(tiny_checkpoint, tmp_path):
     out = tmp_path / "out.json"
-    cmd = [sys.executable, "-m", "hf_fastload.cli", "bench", tiny_checkpoint, "--runs", "1", "--json", str(out)]
+    cmd = [sys.executable, "-m", "hf_fastload.tools.cli", "bench", tiny_checkpoint, "--runs", "1", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stock/fast" in proc.stdout
@@ -115,7 +115,7 @@ def test_bench_writes_json_with_every_mode(tiny_checkpoint, tmp_path):
     assert [r["mode"] for r in result["runs"]] == ["stock", "fast", "floor"]  # stock first in even runs
     assert result["checkpoint"]["tensor_bytes"] == runs["floor"]["bytes_read"]
     assert result["machine"]["cpu_count"] == os.cpu_count()
-    assert cli.format_table(result).splitlines()[-1].lstrip().startswith("stock/fast")
+    assert bench.format_table(result).splitlines()[-1].lstrip().startswith("stock/fast")
 
 
 def test_a_failing_worker_raises_with_its_stderr(tmp_path):
@@ -123,8 +123,8 @@ def test_a_failing_worker_raises_with_its_stderr(tmp_path):
     weights = os.path.join(path, "model.safetensors")
     with open(weights, "r+b") as fh:
         fh.truncate(os.path.getsize(weights) // 2)
-    with pytest.raises(cli.WorkerError, match="(?s)floor worker failed.*truncated safetensors file"):
-        cli._run_worker("floor", path, ["--dtype", "auto"], _env())
+    with pytest.raises(bench.WorkerError, match="(?s)floor worker failed.*truncated safetensors file"):
+        bench._run_worker("floor", path, ["--dtype", "auto"], _env())
 
 
 def test_bench_of_a_folder_without_weights_exits_nonzero(tmp_path, capsys):
@@ -143,11 +143,11 @@ def _fake_result() -> dict:
 
 def test_plot_without_matplotlib_prints_a_note(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert cli.write_plot(_fake_result(), str(tmp_path / "p.png")) is False
+    assert bench.write_plot(_fake_result(), str(tmp_path / "p.png")) is False
     assert "matplotlib is not installed" in capsys.readouterr().out
 
 
 def test_plot_with_matplotlib(tmp_path):
     pytest.importorskip("matplotlib")
-    assert cli.write_plot(_fake_result(), str(tmp_path / "p.png")) is True
+    assert bench.write_plot(_fake_result(), str(tmp_path / "p.png")) is True
     assert (tmp_path / "p.png").stat().st_size > 0

@@ -17,7 +17,8 @@ import transformers
 from equivalence import assert_same_model
 
 import hf_fastload
-from hf_fastload import CheckpointFileError, compat
+from hf_fastload import CheckpointFileError
+from hf_fastload.integration import compat
 
 CASES = [  # kind, stored dtype, sharded, model class, dtype asked for
     ("llama", torch.bfloat16, True, transformers.LlamaForCausalLM, torch.float32),

@@ -15,9 +15,11 @@ import torch
 import transformers
 
 import hf_fastload
-from hf_fastload import FallbackRequiredError, compat
-from hf_fastload.distributed import parse_index, tp_fallback_reason
-from hf_fastload.engine import LoadContext
+from hf_fastload import FallbackRequiredError
+from hf_fastload.engine.context import LoadContext
+from hf_fastload.engine.slices import parse_index
+from hf_fastload.integration import compat
+from hf_fastload.integration.distributed import tp_fallback_reason
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCHRUN_TIMEOUT_S = 300

@@ -114,16 +114,16 @@ def test_large_tensors_use_chunks(tmp_path):
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=40000)  # fmt: skip
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
-    from hf_fastload import engine
+    from hf_fastload.engine import cpu
 
-    old = engine.CHUNK_BYTES
-    engine.CHUNK_BYTES = 1 << 16
+    old = cpu.CHUNK_BYTES
+    cpu.CHUNK_BYTES = 1 << 16
     try:
         for kwargs in ({"dtype": torch.float32}, {"dtype": torch.float16}):
             stock, si, fast, fi = load_both(tmp_path, transformers.LlamaForCausalLM, **kwargs)
             assert_same_model(stock, fast, si, fi)
     finally:
-        engine.CHUNK_BYTES = old
+        cpu.CHUNK_BYTES = old
 
 
 def test_same_dtype_cpu_load_is_zero_copy(checkpoints):

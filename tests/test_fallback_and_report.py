@@ -16,7 +16,7 @@ from models import build_checkpoint
 
 import hf_fastload
 from hf_fastload import FallbackRequiredError, VerificationError
-from hf_fastload.loader import verify
+from hf_fastload.integration.checks import verify
 
 
 def test_pickle_only_checkpoint_falls_back(tmp_path):

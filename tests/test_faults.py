@@ -19,8 +19,9 @@ import transformers
 from equivalence import assert_same_model
 
 import hf_fastload
-from hf_fastload import engine
-from hf_fastload.reader import SafetensorsFile
+from hf_fastload.engine import context, cpu, materialize
+from hf_fastload.engine import pools as engine_pools
+from hf_fastload.format.file import SafetensorsFile
 
 LLAMA = transformers.LlamaForCausalLM
 
@@ -73,7 +74,7 @@ def _settled(baseline: dict, timeout: float = 10.0) -> tuple[set[int], int]:
 
 def _pools_idle() -> None:
     """Every engine pool runs a trivial task at once: nothing of a failed load is queued or stuck in them."""
-    for pool in list(engine._pools.values()):
+    for pool in list(engine_pools._pools.values()):
         assert pool.submit(lambda: 42).result(timeout=10) == 42
         assert pool._work_queue.qsize() == 0
 
@@ -99,8 +100,8 @@ def baseline(ckpt, monkeypatch):
 def _after_failures(ckpt, baseline: dict, pools: set) -> None:
     threads, fds = _settled(baseline)
     assert threads <= baseline["threads"], f"{len(threads - baseline['threads'])} thread(s) left by the failed loads"
-    assert set(engine._pools) == pools, "a failed load made a new pool"
-    assert _pool_threads() <= sum(p._max_workers for p in engine._pools.values())
+    assert set(engine_pools._pools) == pools, "a failed load made a new pool"
+    assert _pool_threads() <= sum(p._max_workers for p in engine_pools._pools.values())
     assert fds <= baseline["fds"], f"{fds - baseline['fds']} descriptor(s) left open: {_fd_targets()}"
     _pools_idle()
     assert _models_alive() <= baseline["models"], "a model of a failed load is still alive"
@@ -134,16 +135,16 @@ def test_allocation_failure(ckpt, baseline, monkeypatch, error, io):
     """``alloc_cpu`` fails on its 3rd call (a dtype change allocates every tensor), five loads in a row."""
     monkeypatch.setenv("HF_FASTLOAD_IO", io)
     made: list[weakref.ref] = []
-    real = engine.alloc_cpu
+    real = cpu.alloc_cpu
     for _ in range(5):
         alloc = _failing_alloc(real, 3, lambda: error("out of memory (simulated) allocating 8.00 GiB"), made)
-        monkeypatch.setattr(engine, "alloc_cpu", alloc)
+        monkeypatch.setattr(cpu, "alloc_cpu", alloc)
         with pytest.raises(error) as info:
             hf_fastload.fast_from_pretrained(ckpt, model_class=LLAMA, dtype=torch.bfloat16)
-        pools = set(engine._pools)  # the pools this kind of load uses exist from its first failure on
+        pools = set(engine_pools._pools)  # the pools this kind of load uses exist from its first failure on
         assert "simulated" in str(info.value) or "simulated" in str(info.value.__cause__)
         del info
-    monkeypatch.setattr(engine, "alloc_cpu", real)
+    monkeypatch.setattr(cpu, "alloc_cpu", real)
     gc.collect()
     assert made and not [r for r in made if r() is not None], "tensors of the failed loads are still alive"
     monkeypatch.delenv("HF_FASTLOAD_IO")
@@ -153,8 +154,8 @@ def test_allocation_failure(ckpt, baseline, monkeypatch, error, io):
 def test_exception_in_a_chunk_thread(ckpt, baseline, monkeypatch):
     """With 64-byte chunks every tensor is read by several chunk tasks; the 5th read of each load fails."""
     monkeypatch.setenv("HF_FASTLOAD_IO", "pread")
-    chunk_bytes = engine.CHUNK_BYTES
-    monkeypatch.setattr(engine, "CHUNK_BYTES", 64)
+    chunk_bytes = cpu.CHUNK_BYTES
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", 64)
     real = SafetensorsFile.read_into
     for _ in range(5):
         calls = [0]
@@ -172,9 +173,9 @@ def test_exception_in_a_chunk_thread(ckpt, baseline, monkeypatch):
         monkeypatch.setattr(SafetensorsFile, "read_into", read_into)
         with pytest.raises(OSError, match="simulated"):
             hf_fastload.fast_from_pretrained(ckpt, model_class=LLAMA, dtype=torch.bfloat16)
-        pools = set(engine._pools)  # the pools this kind of load uses exist from its first failure on
+        pools = set(engine_pools._pools)  # the pools this kind of load uses exist from its first failure on
     monkeypatch.setattr(SafetensorsFile, "read_into", real)
-    monkeypatch.setattr(engine, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", chunk_bytes)
     monkeypatch.delenv("HF_FASTLOAD_IO")
     _after_failures(ckpt, baseline, pools)
 
@@ -192,7 +193,7 @@ def test_exception_in_a_reader_thread(ckpt, baseline, monkeypatch):
         monkeypatch.setattr(SafetensorsFile, "view", view)
         with pytest.raises(ValueError, match="simulated"):
             hf_fastload.fast_from_pretrained(ckpt, model_class=LLAMA)
-        pools = set(engine._pools)  # the pools this kind of load uses exist from its first failure on
+        pools = set(engine_pools._pools)  # the pools this kind of load uses exist from its first failure on
     monkeypatch.setattr(SafetensorsFile, "view", real)
     _after_failures(ckpt, baseline, pools)
 
@@ -200,20 +201,20 @@ def test_exception_in_a_reader_thread(ckpt, baseline, monkeypatch):
 def test_keyboard_interrupt(ckpt, baseline, monkeypatch):
     """Ctrl-C while tensors are read: KeyboardInterrupt reaches the caller, files are closed, and tasks that
     transformers 5 leaves running in its pool open nothing more."""
-    real = engine.alloc_cpu
+    real = cpu.alloc_cpu
     for _ in range(3):
-        monkeypatch.setattr(engine, "alloc_cpu", _failing_alloc(real, 4, KeyboardInterrupt))
+        monkeypatch.setattr(cpu, "alloc_cpu", _failing_alloc(real, 4, KeyboardInterrupt))
         with pytest.raises(KeyboardInterrupt):
             hf_fastload.fast_from_pretrained(ckpt, model_class=LLAMA, dtype=torch.bfloat16)
-        pools = set(engine._pools)  # the pools this kind of load uses exist from its first failure on
-    monkeypatch.setattr(engine, "alloc_cpu", real)
+        pools = set(engine_pools._pools)  # the pools this kind of load uses exist from its first failure on
+    monkeypatch.setattr(cpu, "alloc_cpu", real)
     _after_failures(ckpt, baseline, pools)
 
 
 def test_failed_chunk_waits_for_its_siblings(ckpt, monkeypatch):
     """When one chunk of a tensor fails, the tensor's other chunks are cancelled or finished before the error is
     raised: none of them still writes into the (discarded) output or its thread's staging buffer afterwards."""
-    monkeypatch.setattr(engine, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", 64)
     running, finished = [], []
     lock = threading.Lock()
 
@@ -231,8 +232,8 @@ def test_failed_chunk_waits_for_its_siblings(ckpt, monkeypatch):
     f = Slow(os.path.join(ckpt, "model.safetensors"), io="pread")
     try:
         info = f.tensors["model.embed_tokens.weight"]
-        same = lambda: engine._read_same(f, info, 2)  # noqa: E731
-        converted = lambda: engine._read_converted(f, info, torch.bfloat16, 2)  # noqa: E731
+        same = lambda: cpu.read_same(f, info, 2)  # noqa: E731
+        converted = lambda: cpu.read_converted(f, info, torch.bfloat16, 2)  # noqa: E731
         for read in (same, converted):
             with pytest.raises(OSError, match="simulated"):
                 read()
@@ -248,7 +249,7 @@ def test_failed_chunk_waits_for_its_siblings(ckpt, monkeypatch):
 def test_late_task_of_a_closed_load_opens_nothing(ckpt, tmp_path):
     """After a failed load closed its files, a task still running in transformers' pool reads nothing more and
     cannot reopen a file (the descriptor would never be closed)."""
-    ctx = engine.LoadContext(io="pread", threads=2)
+    ctx = context.LoadContext(io="pread", threads=2)
     path = os.path.join(ckpt, "model.safetensors")
     handle = ctx.open(path)
     info = handle.tensors["model.norm.weight"]
@@ -256,7 +257,7 @@ def test_late_task_of_a_closed_load_opens_nothing(ckpt, tmp_path):
     ctx.close()
     assert _fds() <= fds - 1
     with pytest.raises(hf_fastload.FastLoadError, match="has ended"):
-        engine.materialize(handle.get_slice(info.name))
+        materialize.materialize(handle.get_slice(info.name))
     with pytest.raises(hf_fastload.CheckpointFileError, match="has ended"):
         handle.read_into(info, memoryview(bytearray(info.nbytes)))
     other = shutil.copy(path, tmp_path / "other.safetensors")

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import hf_fastload
-from hf_fastload import noinit
+from hf_fastload.integration import noinit
 
 
 def _consumes_rng(build) -> bool:

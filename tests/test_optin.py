@@ -25,7 +25,9 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 import hf_fastload
 import hf_fastload_startup
-from hf_fastload import cli, hook, optin, patch
+from hf_fastload.features import hook, optin, startup
+from hf_fastload.integration import routing
+from hf_fastload.tools import cli, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "examples", "optin_script.py")
@@ -88,14 +90,14 @@ def _originals() -> dict[str, object]:
 def _assert_restored(before: dict[str, object]) -> None:
     after = _originals()
     assert all(after[k] is v for k, v in before.items()), [k for k, v in before.items() if after[k] is not v]
-    assert not optin.is_enabled() and not patch.is_routing()
+    assert not optin.is_enabled() and not routing.is_routing()
 
 
 def _assert_patched(before: dict[str, object]) -> None:
     now = _originals()
     assert all(now[k] is not v for k, v in before.items())
     assert transformers.pipeline is transformers.pipelines.pipeline
-    assert optin.is_enabled() and patch.is_routing()
+    assert optin.is_enabled() and routing.is_routing()
 
 
 # --- the startup hook, in fresh interpreters ---------------------------------------------------------------------
@@ -105,7 +107,7 @@ def test_script_output_is_identical_stock_env_and_run(hook_installed, llm_folder
     stock = _python([SCRIPT, llm_folder], _env(HF_FASTLOAD_REPORT=str(tmp_path / "stock.jsonl")))
     by_env = _python([SCRIPT, llm_folder], _env(HF_FASTLOAD="1", HF_FASTLOAD_REPORT=str(tmp_path / "env.jsonl")))
     report = str(tmp_path / "run.jsonl")
-    by_run = _python(["-m", "hf_fastload.cli", "run", "--report", report, SCRIPT, llm_folder], _env())
+    by_run = _python(["-m", "hf_fastload.tools.cli", "run", "--report", report, SCRIPT, llm_folder], _env())
 
     assert "logits sha256:" in stock.stdout and "pipeline:" in stock.stdout
     assert by_env.stdout == stock.stdout
@@ -151,7 +153,7 @@ def test_on_patches_right_after_transformers_is_imported(hook_installed, checkpo
     proc = _python(["-c", _PROBE, checkpoints("llama")], _env(HF_FASTLOAD="TRUE", HF_FASTLOAD_REPORT=str(report)))
     assert proc.stdout.splitlines() == [
         "hf_fastload imported: True",
-        "from_pretrained in patch.py",
+        "from_pretrained in routing.py",
         "pipeline in optin.py pipeline",  # the wrapper keeps the original's name
         "finder: False",  # it removed itself once transformers was imported
     ]
@@ -238,7 +240,7 @@ def test_startup_failure_is_one_line_and_the_program_runs(monkeypatch, capsys):
         raise RuntimeError("boom\nsecond line")
 
     monkeypatch.setenv("HF_FASTLOAD", "1")
-    monkeypatch.setattr(hook, "install", broken)
+    monkeypatch.setattr(startup, "install", broken)
     hf_fastload_startup.main()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "RuntimeError: boom second line" in err
@@ -369,7 +371,7 @@ def test_concurrent_enable_disable_and_blocks_end_consistent():
     hf_fastload.disable()
     assert not errors, errors
     _assert_restored(before)
-    assert optin._blocks == 0 and patch.PATCHES.users == 0
+    assert optin._blocks == 0 and routing.PATCHES.users == 0
 
 
 def _equal_models(a, b) -> bool:
@@ -441,7 +443,7 @@ def test_report_file_gets_a_line_per_load_fallback_included(checkpoints, tmp_pat
 
 
 def test_report_write_failure_warns_and_returns_the_model(checkpoints, tmp_path, monkeypatch):
-    from hf_fastload import loader
+    from hf_fastload.integration import loader
 
     warnings = []
 
@@ -473,16 +475,16 @@ def test_report_write_failure_warns_and_returns_the_model(checkpoints, tmp_path,
     ],
 )  # fmt: skip
 def test_run_splits_its_options_from_the_program(argv, ours, program):
-    assert cli._split_run(argv) == (ours, program)
+    assert run.split_run_argv(argv) == (ours, program)
 
 
 def test_run_sets_the_environment(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cmd, env = cli.run_command(["s.py", "a"], report="r.jsonl", verbose=True)
+    cmd, env = run.run_command(["s.py", "a"], report="r.jsonl", verbose=True)
     assert env["HF_FASTLOAD"] == "1" and env["HF_FASTLOAD_VERBOSE"] == "1"
     assert env["HF_FASTLOAD_REPORT"] == str(tmp_path / "r.jsonl")
     assert cmd == [sys.executable, "s.py", "a"]  # the .pth hook is active in this interpreter
-    cmd, env = cli.run_command(["a"], module="pkg.mod")
+    cmd, env = run.run_command(["a"], module="pkg.mod")
     assert cmd == [sys.executable, "-m", "pkg.mod", "a"] and "HF_FASTLOAD_REPORT" not in env
 
 
@@ -504,7 +506,7 @@ sys.exit(int(sys.argv[-1]))
 def test_run_executes_script_and_module_with_their_exit_codes(hook_installed, tmp_path):
     (tmp_path / "show.py").write_text(_SHOW, encoding="utf-8")
     for target in (["show.py"], ["-m", "show"]):
-        proc = subprocess.run([sys.executable, "-m", "hf_fastload.cli", "run", *target, "--x", "3"], cwd=tmp_path,
+        proc = subprocess.run([sys.executable, "-m", "hf_fastload.tools.cli", "run", *target, "--x", "3"], cwd=tmp_path,
                               env=_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
         assert proc.returncode == 3, proc.stderr
         assert proc.stdout.splitlines() == ["['--x', '3'] 1 __main__", "True"]
@@ -514,7 +516,7 @@ def test_run_bootstrap_without_the_pth_hook(tmp_path):
     """Where site did not run hf_fastload_startup.pth, ``run`` installs the hook in the program's process."""
     (tmp_path / "show.py").write_text(_SHOW, encoding="utf-8")
     for target in (["show.py"], ["-m", "show"]):
-        proc = subprocess.run([sys.executable, "-c", cli._BOOTSTRAP, *target, "--x", "0"], cwd=tmp_path,
+        proc = subprocess.run([sys.executable, "-c", run._BOOTSTRAP, *target, "--x", "0"], cwd=tmp_path,
                               env=_env(HF_FASTLOAD="0"), capture_output=True, text=True, timeout=60)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.splitlines() == ["['--x', '0'] 0 __main__", "True"]
@@ -541,4 +543,4 @@ def test_wheel_ships_the_pth_at_the_root(tmp_path):
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert install.returncode == 0, install.stderr[-3000:]
     assert (target / PTH).read_text() == open(os.path.join(REPO, PTH)).read()
-    assert (target / "hf_fastload_startup.py").is_file() and (target / "hf_fastload" / "optin.py").is_file()
+    assert (target / "hf_fastload_startup.py").is_file() and (target / "hf_fastload" / "features" / "optin.py").is_file()

@@ -15,8 +15,8 @@ import torch
 import transformers
 
 import hf_fastload
-from hf_fastload import inference
-from hf_fastload.pipeline import _direct_placement
+from hf_fastload.features.pipeline import _direct_placement
+from hf_fastload.integration import inference
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",

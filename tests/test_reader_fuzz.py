@@ -12,14 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hf_fastload import FastLoadError
-from hf_fastload.reader import DTYPES, SafetensorsFile
+from hf_fastload.engine.handle import SafetensorsHandle
+from hf_fastload.format.header import DTYPES
 
 EXAMPLES = int(os.environ.get("HF_FASTLOAD_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _load_all(path: str) -> None:
-    with SafetensorsFile(path) as f:
+    with SafetensorsHandle(path) as f:
         for name in f.keys():
             t = f.get_tensor(name)
             assert t.numel() == f.tensors[name].numel
@@ -85,7 +86,7 @@ def test_valid_files_roundtrip(tmp_path, tensors):
     values = {k: torch.arange(n, dtype=torch.float32) * 0.5 for k, n in tensors.items()}
     path = str(tmp_path / "ok.safetensors")
     save_file(values, path)
-    with SafetensorsFile(path) as f:
+    with SafetensorsHandle(path) as f:
         assert sorted(f.keys()) == sorted(values)
         for k, v in values.items():
             assert torch.equal(f.get_tensor(k), v)

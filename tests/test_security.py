@@ -22,7 +22,7 @@ from models import build_checkpoint
 
 import hf_fastload
 from hf_fastload import CheckpointContentError, FastLoadError
-from hf_fastload.reader import SafetensorsFile
+from hf_fastload.engine.handle import SafetensorsHandle
 
 
 class _Payload:
@@ -92,7 +92,7 @@ def test_header_strings_are_never_evaluated(tmp_path):
     _rewrite(weights, lambda h: h["__metadata__"].update(hostile))
     model = hf_fastload.fast_from_pretrained(folder, model_class=transformers.LlamaForCausalLM)
     assert model is not None and hf_fastload.last_report().path == "fast"
-    with SafetensorsFile(weights) as f:
+    with SafetensorsHandle(weights) as f:
         assert f.metadata() == hostile  # kept verbatim, as strings
     assert not marker.exists()
 

@@ -18,8 +18,8 @@ from models import model_class
 from safetensors.torch import save_file
 
 import hf_fastload
-from hf_fastload import stream
-from hf_fastload.engine import LoadContext
+from hf_fastload.engine import stream
+from hf_fastload.engine.context import LoadContext
 from hf_fastload.errors import CheckpointFileError, FastLoadError
 
 
@@ -169,7 +169,7 @@ def test_failed_read_stops_the_tensor(tmp_path, small_ring, monkeypatch):
     """A read error in one chunk: the caller gets the file error, the other chunks stop, the slot comes back."""
     t = torch.randn(64, 1024)
     save_file({"t": t}, str(tmp_path / "t.safetensors"))
-    from hf_fastload.reader import SafetensorsFile
+    from hf_fastload.format.file import SafetensorsFile
 
     real = SafetensorsFile.read_into
     calls = []

@@ -2,8 +2,8 @@
 
 Example:
     ```bash
-    python -m hf_fastload.bench_worker fast ./llama-1b --dtype float32
-    python -m hf_fastload.bench_worker floor ./llama-1b --dtype float32
+    python -m hf_fastload.tools.bench_worker fast ./llama-1b --dtype float32
+    python -m hf_fastload.tools.bench_worker floor ./llama-1b --dtype float32
     ```
 
 Modes:
@@ -86,9 +86,10 @@ _staging = threading.local()
 def _floor_chunk(file, info, dest, lo: int, hi: int) -> None:
     """Bytes ``[lo, hi)`` of one tensor: read straight into ``dest`` (uint8), or via a reused staging buffer and
     converted into ``dest`` (the target dtype), so each output byte is written once."""
-    import torch
+    import torch  # import cost: this module imports nothing heavy at the top (the CLI test checks it)
 
-    from .reader import pread_into, tensor_buffer
+    from ..engine.cpu import tensor_buffer
+    from ..format.file import pread_into
 
     if dest.dtype == torch.uint8:
         pread_into(file._fd(), file.path, tensor_buffer(dest)[lo:hi], info.start + lo, info.name)
@@ -103,9 +104,9 @@ def _floor_chunk(file, info, dest, lo: int, hi: int) -> None:
 
 def run_floor(path: str, files: list[str], requested: str, threads: int) -> dict:
     """Reads (and converts) every tensor of ``files`` with ``threads`` threads; returns what the parent needs."""
-    import torch
+    import torch  # import cost, as everywhere in this module
 
-    from .reader import SafetensorsFile
+    from ..format.file import SafetensorsFile
 
     handles = [SafetensorsFile(f, io="pread") for f in files]
     infos = [(h, info) for h in handles for info in h.tensors.values()]
@@ -164,7 +165,7 @@ def run_load(args) -> dict:
     import transformers
 
     import hf_fastload
-    from hf_fastload import compat, engine, loader  # noqa: F401  (imported before the clock starts)
+    from hf_fastload.integration import compat, loader  # noqa: F401  (imported before the clock starts)
 
     with open(os.path.join(args.path, "config.json"), encoding="utf-8") as fh:
         archs = json.load(fh).get("architectures") or []
@@ -232,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.mode == "floor":
-        from .cli import checkpoint_files
-        from .engine import settings
+        from ..engine.knobs import settings  # import cost: the floor imports torch, not transformers
+        from .bench import checkpoint_files
 
         result = run_floor(args.path, args.files or checkpoint_files(args.path), args.dtype, settings()["threads"])
         if args.device == "cuda":

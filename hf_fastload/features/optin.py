@@ -16,7 +16,7 @@ Example:
 
 While enabled, ``from_pretrained`` of every transformers model class (``PreTrainedModel`` and the Auto classes, so
 subclasses and remote-code models too) loads through :func:`~hf_fastload.fast_from_pretrained` (see
-:mod:`hf_fastload.patch`), and ``transformers.pipeline`` (also ``transformers.pipelines.pipeline``) calls
+:mod:`hf_fastload.integration.routing`), and ``transformers.pipeline`` (also ``transformers.pipelines.pipeline``) calls
 :func:`~hf_fastload.fast_pipeline`. Names bound before enabling (``from transformers import pipeline``) keep the stock
 function; the ``HF_FASTLOAD=1`` startup hook enables right after ``transformers`` is imported, before any such line.
 
@@ -33,6 +33,8 @@ import functools
 import sys
 import threading
 from collections.abc import Iterator
+
+from . import hook
 
 __all__ = ["disable", "enable", "enabled", "is_enabled"]
 
@@ -56,30 +58,29 @@ def is_enabled() -> bool:
 
 
 def _preload() -> None:
-    """Imports what the routing patch touches besides modeling_utils, before taking the lock (an import may wait on
-    another thread's import), and only once modeling_utils is there: enabling never imports torch itself."""
+    """Imports the routing patch (and what it touches besides modeling_utils) before taking the lock (an import may
+    wait on another thread's import), and only once modeling_utils is there: enabling never imports torch itself."""
     if MODELING in sys.modules:
-        import transformers.models.auto.auto_factory  # noqa: F401
+        from ..integration import routing  # noqa: F401  (import cost: it imports torch and transformers' models)
 
 
 def _wrap_pipeline(original):
     @functools.wraps(original)
     def pipeline(*args, **kwargs):
-        from .pipeline import fast_pipeline
+        from .pipeline import fast_pipeline  # import cost: transformers.pipelines, only once a pipeline is made
 
         # The opt-in promises that a program behaves as without it: the pipeline's model stays as stock leaves it
         # (trainable parameters, stock no_grad forward); only the load goes through the fast path.
         kwargs.setdefault("inference", False)
         return fast_pipeline(*args, **kwargs)
 
+    pipeline.__hf_fastload_original__ = original  # fast_pipeline calls the original, never this wrapper
     return pipeline
 
 
 def _install_pipelines() -> None:
     global _pipelines
-    import transformers
-
-    pipelines = sys.modules[PIPELINES]
+    transformers, pipelines = sys.modules["transformers"], sys.modules[PIPELINES]
     top, sub = transformers.pipeline, pipelines.pipeline  # the first read resolves transformers' lazy attribute
     wrapper = _wrap_pipeline(sub)
     transformers.pipeline = pipelines.pipeline = wrapper
@@ -88,9 +89,7 @@ def _install_pipelines() -> None:
 
 def _uninstall_pipelines() -> None:
     global _pipelines
-    import transformers
-
-    pipelines = sys.modules[PIPELINES]
+    transformers, pipelines = sys.modules["transformers"], sys.modules[PIPELINES]
     top, sub, wrapper = _pipelines
     if transformers.__dict__.get("pipeline") is wrapper:  # someone else's later patch is theirs to undo
         transformers.pipeline = top
@@ -109,13 +108,13 @@ def _on_import(_module) -> None:
 def _update() -> None:
     """Installs or removes the patches to match the switch and the open blocks; call with ``_lock`` held."""
     global _active, _routing
-    from . import hook, patch
-
     want = _switch or _blocks > 0
     if want:
         _active = True
         if not _routing and MODELING in sys.modules:
-            patch.route_globally(True)
+            from ..integration import routing  # import cost: torch and transformers' models (imported by now)
+
+            routing.route_globally(True)
             _routing = True
         if _pipelines is None and PIPELINES in sys.modules:
             _install_pipelines()
@@ -128,7 +127,9 @@ def _update() -> None:
         if _pipelines is not None:
             _uninstall_pipelines()
         if _routing:
-            patch.route_globally(False)
+            from ..integration import routing  # imported when routing went in: a lookup in sys.modules
+
+            routing.route_globally(False)
             _routing = False
         _active = False
 

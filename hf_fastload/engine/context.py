@@ -1,24 +1,20 @@
-"""The bytes path: turns a :class:`~hf_fastload.reader.TensorSlice` into the final tensor on its device and dtype.
+"""One load's state: its open files, how each is read, its device pipelines, its errors and counters.
 
 Example:
     ```python
-    from hf_fastload.engine import materialize
-    from hf_fastload.reader import SafetensorsFile
+    import torch
+    from hf_fastload.engine.context import LoadContext
 
-    f = SafetensorsFile("model.safetensors", io="pread")
-    weight = materialize(f.get_slice("lm_head.weight"), device="cpu", dtype=torch.float32)
+    ctx = LoadContext(io="auto", threads=8)
+    f = ctx.open("model.safetensors")          # opened and validated once per load; kernel readahead started
+    weight = ctx.materialize(f.get_slice("lm_head.weight"), device="cpu", dtype=torch.float32)
+    ctx.close()                                # waits for tensors in flight, closes files and pipelines
     ```
 
-Cases, all bit-identical to ``tensor.to(device, dtype)`` of the stored tensor:
-
-- same dtype on the CPU with ``io="mmap"``: a zero-copy view of the file mapping (what stock transformers 5 returns);
-- same dtype with ``io="pread"``: ``preadv`` straight into the tensor's own fresh memory;
-- a dtype change on the CPU: converted chunk by chunk from the mapping into the final tensor, each chunk's source
-  pages dropped from this process once converted (``MADV_DONTNEED``), so they never add up to a second copy of the
-  model; with ``io="pread"``, read in chunks into a per-thread staging buffer and converted from there;
-- another device: the CPU tensor, then one ``.to(device, dtype)``.
-
-Every tensor that is not a zero-copy view owns its storage (``torch.empty``).
+A :class:`LoadContext` is shared by every thread that materializes a tensor of the load (transformers 5 has its own
+loader threads). It picks the I/O mode per file (:func:`choose_io`), keeps one handle per file and device, makes
+one device pipeline per target device on its first tensor, stops the rest of the load at its first error, and
+records what happened for the :class:`~hf_fastload.report.LoadReport`.
 """
 
 from __future__ import annotations
@@ -26,32 +22,21 @@ from __future__ import annotations
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
 from typing import Any
 
 import torch
 
-from .errors import CheckpointFileError, FastLoadError
-from .reader import SafetensorsFile, TensorInfo, TensorSlice, tensor_buffer
+from ..errors import CheckpointFileError, FastLoadError
+from ..format.header import TensorInfo
+from . import stream
+from .handle import SafetensorsHandle, TensorSlice
+from .materialize import materialize
+from .pools import chunk_pool, get_pool
 
-__all__ = ["LoadContext", "alloc_cpu", "materialize", "settings"]
+__all__ = ["LoadContext", "choose_io"]
 
-CHUNK_BYTES = 8 << 20
 READAHEAD_CHUNK = 32 << 20
 READAHEAD_THREADS = 8
-IO_MODES = ("auto", "mmap", "pread", "direct")
-
-
-def settings() -> dict[str, Any]:
-    """The knobs, from the environment: ``HF_FASTLOAD_THREADS`` and ``HF_FASTLOAD_IO``."""
-    threads = os.environ.get("HF_FASTLOAD_THREADS", "").strip()
-    io = os.environ.get("HF_FASTLOAD_IO", "auto").strip().lower() or "auto"
-    if io not in IO_MODES:
-        from .errors import FastLoadError
-
-        raise FastLoadError(f"HF_FASTLOAD_IO={io!r} is not one of {', '.join(IO_MODES)}")
-    return {"threads": int(threads) if threads else min(8, max(2, os.cpu_count() or 2)), "io": io}
 
 
 class LoadContext:
@@ -68,7 +53,7 @@ class LoadContext:
         self.threads = threads
         self.prefer_pread = prefer_pread
         self.lock = threading.Lock()
-        self.files: dict[tuple[str, str], SafetensorsFile] = {}
+        self.files: dict[tuple[str, str], SafetensorsHandle] = {}
         self.io_used: dict[str, str] = {}  # file -> "mode: why"
         self.bytes_read = 0
         self.tensors = 0
@@ -84,7 +69,7 @@ class LoadContext:
         self.active = 0  # tensors being materialized now; close() waits for them
         self._idle = threading.Condition(self.lock)
 
-    def open(self, path: str | os.PathLike, device: Any = "cpu") -> SafetensorsFile:
+    def open(self, path: str | os.PathLike, device: Any = "cpu") -> SafetensorsHandle:
         """The handle of ``path`` for this load (opened and validated once per file and device)."""
         path = os.fspath(path)
         key = (os.path.realpath(path), str(device))
@@ -95,8 +80,8 @@ class LoadContext:
         if self.closed:
             raise _ended(path)
         io, why = choose_io(path, self.io, self.prefer_pread)
-        handle = SafetensorsFile(path, io=io, device=device)
-        handle.context = self
+        handle = SafetensorsHandle(path, io=io, device=device)
+        handle.owner = self
         with self.lock:
             late = self.closed  # close() ran while this file was being opened, and did not see it
             fresh = not late and not any(h.path == handle.path for h in self.files.values())
@@ -111,7 +96,7 @@ class LoadContext:
             self._readahead(handle)
         return handle
 
-    def _readahead(self, handle: SafetensorsFile) -> None:
+    def _readahead(self, handle: SafetensorsHandle) -> None:
         """Asks the kernel to start reading the whole file, from several threads at once.
 
         A cold file then arrives at the disk's parallel bandwidth instead of one readahead stream's (on this
@@ -145,7 +130,7 @@ class LoadContext:
                 if done:
                     os.close(fd)
 
-        pool = _get_pool("readahead", READAHEAD_THREADS)
+        pool = get_pool("readahead", READAHEAD_THREADS)
         for offset in offsets:
             pool.submit(advise, offset)
 
@@ -163,20 +148,18 @@ class LoadContext:
             target = self._planned.pop((ts.file.path, ts.info.name), None)
         return None if target is None else materialize(ts, *target)
 
-    def pipeline(self, device: torch.device, file: SafetensorsFile) -> Any:
-        """The device pipeline (:mod:`hf_fastload.stream`) for tensors going to ``device``, or None where tensors
+    def pipeline(self, device: torch.device, file: SafetensorsHandle) -> Any:
+        """The device pipeline (:mod:`hf_fastload.engine.stream`) for tensors going to ``device``, or None where tensors
         take the CPU paths (a CPU target without ``HF_FASTLOAD_IO=direct``, or a device type without a backend)."""
         key = str(device)
         with self.lock:
             if key in self.pipelines:
                 return self.pipelines[key]
-        from . import stream
-
         backend = stream.backend_for(device, file.io)
         pipe = None
         if backend is not None:
             budget = stream.pinned_budget()
-            pipe = stream.Pipeline(backend, _chunk_pool(self.threads).submit, self.threads, budget, self.failed)
+            pipe = stream.Pipeline(backend, chunk_pool(self.threads).submit, self.threads, budget, self.failed)
         with self.lock:
             return self.pipelines.setdefault(key, pipe)
 
@@ -318,157 +301,3 @@ def choose_io(path: str, io: str, prefer_pread: bool) -> tuple[str, str]:
     if fstype.startswith("fuse") or fstype in _NETWORK_FS or dev == "hf-mount":
         return "pread", f"{fstype or dev} filesystem"
     return "mmap", "local filesystem"
-
-
-_pool_lock = threading.Lock()
-_staging = threading.local()
-
-
-_pools: dict[tuple[str, int], ThreadPoolExecutor] = {}
-
-
-def _get_pool(kind: str, threads: int) -> ThreadPoolExecutor:
-    with _pool_lock:
-        pool = _pools.get((kind, threads))
-        if pool is None:
-            pool = _pools[(kind, threads)] = ThreadPoolExecutor(threads, thread_name_prefix=f"hf_fastload-{kind}")
-        return pool
-
-
-def _chunk_pool(threads: int) -> ThreadPoolExecutor:
-    """Runs chunk reads and conversions; its tasks never wait on other tasks, so callers may block on them."""
-    return _get_pool("chunk", threads)
-
-
-def alloc_cpu(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized CPU tensor that owns its memory.
-
-    Plain ``torch.empty``: on this project's 2-core VM (THP mode ``madvise``), backing outputs with transparent huge
-    pages made first-touch faults 4-5x slower (3.7 GB: 5.4 s with ``MADV_HUGEPAGE`` vs 1.0-1.2 s without, measured
-    2026-11-29), so the engine does not ask for them.
-    """
-    return torch.empty(shape, dtype=dtype)
-
-
-def _convert_mapped(file: SafetensorsFile, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
-    """Converts from the file mapping chunk by chunk, dropping each chunk's source pages once it is converted, so the
-    mapped file does not add up to a second copy of the model in this process's memory (stock peaks at 1.5x)."""
-    out = alloc_cpu(info.shape, dtype)
-    if info.numel == 0:
-        return out
-    src, dst = file.view(info).view(-1), out.view(-1)
-    size = info.torch_dtype.itemsize
-    step = max(1, CHUNK_BYTES // size)
-    for lo in range(0, info.numel, step):
-        hi = min(lo + step, info.numel)
-        if file.context is not None:
-            file.context.check_alive()
-        file.check_size(info.start + hi * size, info.name)  # a page past a truncated end would be a SIGBUS
-        dst[lo:hi].copy_(src[lo:hi])
-        file.release(info, lo * size, hi * size)
-    return out
-
-
-def _staging_buffer() -> torch.Tensor:
-    buf = getattr(_staging, "buf", None)
-    if buf is None:
-        buf = _staging.buf = torch.empty(CHUNK_BYTES, dtype=torch.uint8)
-    return buf
-
-
-def _read_chunk(file: SafetensorsFile, info: TensorInfo, out: memoryview, byte_offset: int) -> None:
-    if file.context is not None:
-        file.context.check_alive()
-    file.read_into(info, out, byte_offset)
-
-
-def _convert_chunk(file: SafetensorsFile, info: TensorInfo, out_flat: torch.Tensor, lo: int, hi: int) -> None:
-    if file.context is not None:
-        file.context.check_alive()
-    src_dtype = info.torch_dtype
-    size = src_dtype.itemsize
-    staging = _staging_buffer()[: (hi - lo) * size]
-    file.read_into(info, tensor_buffer(staging), lo * size)
-    out_flat[lo:hi].copy_(staging.view(src_dtype))
-
-
-def _wait_all(futures: list[Future]) -> None:
-    """Waits for every chunk of one tensor. On the first failure, cancels the chunks not yet started and waits for
-    those running (they write into the output tensor and their thread's staging buffer) before raising it, so that no
-    task of a failed load is left behind in the persistent pool."""
-    try:
-        for f in futures:
-            f.result()
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        wait_futures(futures)
-        raise
-
-
-def _read_converted(file: SafetensorsFile, info: TensorInfo, dtype: torch.dtype, threads: int) -> torch.Tensor:
-    out = alloc_cpu(info.shape, dtype)
-    numel = info.numel
-    if numel == 0:
-        return out
-    out_flat = out.view(-1)
-    step = max(1, CHUNK_BYTES // info.torch_dtype.itemsize)
-    bounds = [(lo, min(lo + step, numel)) for lo in range(0, numel, step)]
-    if len(bounds) == 1:
-        _convert_chunk(file, info, out_flat, *bounds[0])
-        return out
-    _wait_all([_chunk_pool(threads).submit(_convert_chunk, file, info, out_flat, lo, hi) for lo, hi in bounds])
-    return out
-
-
-def _read_same(file: SafetensorsFile, info: TensorInfo, threads: int) -> torch.Tensor:
-    out = alloc_cpu(info.shape, info.torch_dtype)
-    if info.nbytes == 0:
-        return out
-    buf = tensor_buffer(out)
-    bounds = [(lo, min(lo + CHUNK_BYTES, info.nbytes)) for lo in range(0, info.nbytes, CHUNK_BYTES)]
-    if len(bounds) == 1:
-        file.read_into(info, buf, 0)
-        return out
-    _wait_all([_chunk_pool(threads).submit(_read_chunk, file, info, buf[lo:hi], lo) for lo, hi in bounds])
-    return out
-
-
-def materialize(ts: TensorSlice, device: Any = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The tensor behind ``ts`` on ``device`` (default CPU) in ``dtype`` (default: as stored), owned or zero-copy."""
-    file, info = ts.file, ts.info
-    ctx: LoadContext | None = getattr(file, "context", None)
-    threads = ctx.threads if ctx is not None else settings()["threads"]
-    start = time.perf_counter()
-    target = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = dtype or info.torch_dtype
-    if ctx is not None:
-        ctx.begin()
-    try:
-        pipe = ctx.pipeline(target, file) if ctx is not None and target.type != "meta" else None
-        if target.type == "meta":
-            out, method = torch.empty(info.shape, dtype=dtype, device="meta"), "meta"
-        elif pipe is not None:
-            out = pipe.load(file, info, dtype)
-            method = f"stream({pipe.backend.name}){'+cast' if dtype != info.torch_dtype else ''}"
-        elif dtype != info.torch_dtype and file.io == "mmap":
-            out, method = _convert_mapped(file, info, dtype), "convert"
-        elif dtype != info.torch_dtype:
-            out, method = _read_converted(file, info, dtype, threads), "pread+convert"
-        elif file.io == "mmap":
-            file.check_size(info.start + info.nbytes, info.name)  # a view of pages past the end would be a SIGBUS
-            out, method = file.view(info), "zero-copy"
-        else:
-            out, method = _read_same(file, info, threads), "pread"
-        if target.type not in ("cpu", "meta"):
-            out, method = out.to(device=target), f"{method}+to({target.type})"
-    except BaseException as e:
-        if ctx is not None:
-            ctx.fail(e)
-        raise
-    finally:
-        if ctx is not None:
-            ctx.end()
-    if ctx is not None:
-        ctx.record(info, method, start)
-    return out

@@ -1,12 +1,16 @@
-"""The post-import hook behind ``HF_FASTLOAD=1``: ``hf_fastload.enable()`` right after ``transformers`` is imported.
+"""Post-import hooks: a callback right after a module is first imported, importing nothing itself.
 
 Example:
     ```python
-    from hf_fastload import hook
+    from hf_fastload.features import hook
 
-    hook.install()           # what hf_fastload_startup does at interpreter start when HF_FASTLOAD is true
-    import transformers      # hf_fastload.enable() has run when this line returns
+    hook.when_imported("transformers", lambda module: print("transformers is here"))
+    import transformers      # the callback has run when this line returns
     ```
+
+The ``HF_FASTLOAD=1`` startup hook (:mod:`hf_fastload.features.startup`) and the opt-in
+(:mod:`hf_fastload.features.optin`, which patches ``transformers.modeling_utils`` and ``transformers.pipelines``
+only once a program has imported them) are built on it.
 
 The hook imports nothing heavy itself: a finder on ``sys.meta_path`` waits for ``transformers``, asks the finders
 after it for the spec, and wraps that spec's loader's ``exec_module`` (of that loader instance only) so that the
@@ -22,7 +26,7 @@ from _thread import get_ident  # not threading: this runs at interpreter start, 
 from collections.abc import Callable
 from types import ModuleType
 
-__all__ = ["forget", "install", "when_imported"]
+__all__ = ["forget", "when_imported"]
 
 
 def _warn(what: str, error: BaseException) -> None:
@@ -110,14 +114,3 @@ def forget(name: str, callback: Callable[[ModuleType], None]) -> None:
     for finder in [f for f in sys.meta_path if isinstance(f, _PostImportFinder)]:
         if finder.name == name and finder.callback == callback:
             finder._remove()
-
-
-def _enable(_module: ModuleType) -> None:
-    from .optin import enable
-
-    enable()
-
-
-def install() -> None:
-    """Arranges for ``hf_fastload.enable()`` to run right after ``transformers`` is imported (now if it is)."""
-    when_imported("transformers", _enable)

@@ -26,9 +26,9 @@ from collections.abc import Iterator
 import transformers
 from packaging import version
 
-from .engine import LoadContext
+from ..engine.context import LoadContext
+from ..engine.handle import TensorSlice
 from .patching import PatchSet
-from .reader import TensorSlice
 
 __all__ = ["TRANSFORMERS_V5", "TRANSFORMERS_VERSION", "active_context", "hooks"]
 

@@ -23,15 +23,20 @@ from typing import Any
 import transformers
 import transformers.pipelines
 
+from ..integration import routing
+from ..integration.inference import inference_mode
+
 __all__ = ["fast_pipeline"]
 
 
 def _stock_pipeline(*args, **kwargs):
-    """transformers' own ``pipeline`` (the original while the opt-in has replaced it)."""
-    from . import optin
-
-    saved = optin._pipelines
-    original = saved[1] if saved is not None else transformers.pipelines.pipeline
+    """transformers' own ``pipeline``: the original where the opt-in's wrapper (marked ``__hf_fastload_original__``)
+    replaced it, also beneath another library's ``functools.wraps`` wrapper on top of ours."""
+    current = transformers.pipelines.pipeline
+    found = current
+    while found is not None and not hasattr(found, "__hf_fastload_original__"):
+        found = getattr(found, "__wrapped__", None)
+    original = found.__hf_fastload_original__ if found is not None else current
     return original(*args, **kwargs)
 
 
@@ -68,9 +73,6 @@ def _direct_placement(arguments: dict[str, Any]) -> None:
 
 
 def fast_pipeline(task: str | None = None, model: Any = None, *args: Any, inference: bool = True, **kwargs: Any):
-    from . import patch
-    from .inference import inference_mode
-
     try:
         bound = _SIGNATURE.bind(task, model, *args, **kwargs)
     except TypeError:  # let transformers word the error about its own arguments
@@ -80,7 +82,7 @@ def fast_pipeline(task: str | None = None, model: Any = None, *args: Any, infere
     if loads_model:
         _direct_placement(arguments)
         extra = arguments.pop("kwargs", {})
-        with patch.routed():
+        with routing.routed():
             pipe = _stock_pipeline(**arguments, **extra)
     else:  # an already-built model is used as is
         pipe = _stock_pipeline(task, model, *args, **kwargs)

@@ -1,28 +1,21 @@
-"""The ``hf-fastload`` command: ``run`` (a program with the opt-in on), ``bench`` (stock vs fast vs the bytes
-floor, fresh processes) and ``demo``.
+"""``hf-fastload bench`` and ``demo``: stock vs fast vs the bytes floor, in alternating fresh processes.
 
 Example:
-    ```bash
-    hf-fastload run --report loads.jsonl train.py --lr 3e-4   # train.py unchanged; its loads go through hf_fastload
-    hf-fastload run -m my_package.serve --port 8000
-    hf-fastload demo                                   # builds a 150M bf16 Llama once, loads it as float32
-    hf-fastload bench ./llama-1b --dtype float32 --runs 5 --json bench.json --plot bench.png
-    hf-fastload bench ./llama-8b --device cuda --dtype bfloat16 --forward
+    ```python
+    from hf_fastload.tools.bench import bench, format_table
+
+    result = bench("./llama-1b", dtype="float32", runs=5, json_path="bench.json")
+    print(format_table(result))
     ```
 
-``run`` replaces itself (``exec``) with ``python SCRIPT ARGS...`` (or ``python -m MODULE ARGS...``) under
-``HF_FASTLOAD=1``, so the startup hook turns the opt-in on exactly as the environment variable does, child processes
-inherit it, and the exit code is the program's.
-
-Every measured load runs in a fresh ``python -m hf_fastload.bench_worker`` process (see there for what is timed),
-stock and fast alternating which goes first, after one read of the checkpoint files so that every mode finds them
-in the page cache. Importing this module is cheap: torch and transformers are imported by the commands that need
-them.
+Every measured load runs in a fresh ``python -m hf_fastload.tools.bench_worker`` process (see there for what is
+timed), stock and fast alternating which goes first, after one read of the checkpoint files so that every mode finds
+them in the page cache. Importing this module is cheap (it reads headers with ``json``, not through the format
+layer, which imports torch): torch and transformers are imported by the workers.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -35,8 +28,10 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as dist_version
 from typing import Any
 
+from .checkpoint_maker import llama_dims, make_checkpoint
+
 __all__ = [
-    "WorkerError", "bench", "checkpoint_files", "demo", "format_table", "machine_info", "main", "run", "write_plot",
+    "MODES", "WorkerError", "bench", "checkpoint_files", "demo", "format_table", "machine_info", "write_plot",
 ]  # fmt: skip
 
 MODES = ("stock", "fast", "floor")
@@ -122,7 +117,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def _run_worker(mode: str, path: str, options: list[str], env: dict[str, str]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "hf_fastload.bench_worker", mode, path, *options]
+    cmd = [sys.executable, "-m", "hf_fastload.tools.bench_worker", mode, path, *options]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -207,7 +202,7 @@ def bench(
     env.setdefault("HF_HUB_OFFLINE", "1")
     if io is not None:
         env["HF_FASTLOAD_IO"] = io
-    source_tree = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source_tree = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if os.path.isfile(os.path.join(source_tree, "pyproject.toml")):  # run from a checkout: workers import the same
         env["PYTHONPATH"] = os.pathsep.join(p for p in (source_tree, env.get("PYTHONPATH")) if p)
     options = ["--dtype", dtype, "--device", device]
@@ -344,8 +339,6 @@ def demo(params: float = 1.5e8, directory: str | None = None, runs: int = 3) -> 
         os.path.expanduser("~"), ".cache", "hf_fastload", f"demo-{_params_label(params)}"
     )
     if not os.path.isfile(os.path.join(directory, "config.json")):  # written last: its absence means incomplete
-        from .checkpoint_maker import llama_dims, make_checkpoint
-
         dims = llama_dims(params)
         print(f"building a {dims.num_parameters() / 1e6:.0f}M-parameter bf16 Llama checkpoint in {directory} (once)")
         make_checkpoint(directory, dtype="bf16", dims=dims)
@@ -359,142 +352,3 @@ def demo(params: float = 1.5e8, directory: str | None = None, runs: int = 3) -> 
         f"({than}); reading the bytes alone: {s['floor']['seconds_median']:.2f}s"
     )
     return result
-
-
-# Runs the program where site-packages lacks hf_fastload_startup.pth (hf_fastload imported from a source tree on
-# PYTHONPATH, not installed): the hook is installed here, in the program's process only.
-_BOOTSTRAP = """\
-import os, runpy, sys
-from hf_fastload import hook
-hook.install()
-if sys.argv[1] == "-m":
-    sys.argv = sys.argv[2:]
-    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-else:
-    sys.argv = sys.argv[1:]
-    sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
-    runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def run_command(
-    program: list[str], module: str | None = None, report: str | None = None, verbose: bool = False
-) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment `run` executes: ``python SCRIPT ARGS...`` or ``python -m MODULE ARGS...``."""
-    env = dict(os.environ, HF_FASTLOAD="1")
-    if report:
-        env["HF_FASTLOAD_REPORT"] = os.path.abspath(report)  # the program or its children may change directory
-    if verbose:
-        env["HF_FASTLOAD_VERBOSE"] = "1"
-    target = ["-m", module, *program] if module else list(program)
-    if startup_hook_installed():
-        return [sys.executable, *target], env
-    return [sys.executable, "-c", _BOOTSTRAP, *target], env
-
-
-def startup_hook_installed() -> bool:
-    """Whether ``site`` runs ``hf_fastload_startup.pth`` in this Python: it is in one of its site-packages folders."""
-    import site
-
-    if sys.flags.no_site:
-        return False
-    folders = list(site.getsitepackages()) if hasattr(site, "getsitepackages") else []
-    if site.ENABLE_USER_SITE:
-        folders.append(site.getusersitepackages())
-    return any(os.path.isfile(os.path.join(folder, "hf_fastload_startup.pth")) for folder in folders)
-
-
-def run(program: list[str], module: str | None = None, report: str | None = None, verbose: bool = False) -> int:
-    """Runs ``python SCRIPT ARGS...`` (``program``), or ``python -m MODULE ARGS...``, with ``HF_FASTLOAD=1``.
-
-    On POSIX this process becomes the program (``exec``): it never returns, and the exit code is the program's.
-
-    Args:
-        program (`list[str]`): the script and its arguments, or the module's arguments when `module` is given.
-        module (`str`, *optional*): run this module as ``python -m`` does.
-        report (`str`, *optional*): append one JSON line per load to this file (``HF_FASTLOAD_REPORT``).
-        verbose (`bool`, *optional*, defaults to `False`): log each load's report (``HF_FASTLOAD_VERBOSE=1``).
-    """
-    if not module and not program:
-        raise ValueError("hf-fastload run needs a script to run (hf-fastload run SCRIPT [ARGS...]) or -m MODULE")
-    cmd, env = run_command(program, module, report, verbose)
-    if not startup_hook_installed():
-        print(
-            "hf-fastload run: warning: hf_fastload_startup.pth is not in this Python's site-packages (hf_fastload "
-            "is not installed there), so the opt-in is on in the program's own process only; child processes do "
-            "not inherit it. Install hf_fastload (pip install -e .) to fix this.",
-            file=sys.stderr,
-        )
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if os.name != "posix":  # Windows' exec starts a new process and returns at once: wait for it instead
-        return subprocess.call(cmd, env=env)
-    os.execve(cmd[0], cmd, env)
-    raise AssertionError("unreachable: os.execve returned")
-
-
-def _split_run(argv: list[str]) -> tuple[list[str], list[str]]:
-    """``hf-fastload run``'s own options (with ``-m MODULE``), and the program's arguments after them, verbatim."""
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            return argv[:i], argv[i + 1 :]
-        if arg == "-m":
-            return argv[: i + 2], argv[i + 2 :]
-        if arg.startswith("-m"):  # -mMODULE
-            return argv[: i + 1], argv[i + 1 :]
-        if not arg.startswith("-"):  # the script
-            break
-        i += 2 if arg == "--report" else 1  # other options, known or not: argparse judges them
-    return argv[:i], argv[i:]
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    program: list[str] = []
-    if argv and argv[0] == "run":
-        ours, program = _split_run(argv[1:])
-        argv = ["run", *ours]
-    parser = argparse.ArgumentParser(prog="hf-fastload", description="hf_fastload: fast from_pretrained.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser(
-        "run",
-        help="run a Python program with HF_FASTLOAD=1: its from_pretrained and pipeline() calls load fast",
-        usage="hf-fastload run [--report PATH] [--verbose] (SCRIPT | -m MODULE) [ARGS...]",
-    )
-    r.add_argument("--report", metavar="PATH", help="append one JSON line per load to PATH (HF_FASTLOAD_REPORT)")
-    r.add_argument("--verbose", action="store_true", help="log each load's report (HF_FASTLOAD_VERBOSE=1)")
-    r.add_argument("-m", dest="module", metavar="MODULE", help="run a module, as python -m does")
-    r.add_argument("args", nargs="*", metavar="SCRIPT [ARGS...]", help="the script and its arguments")
-    b = sub.add_parser("bench", help="time stock vs fast loading of a local checkpoint, in fresh processes")
-    b.add_argument("path", help="a local checkpoint folder (config.json + safetensors)")
-    b.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    b.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype passed to both loads (none: not passed)")
-    b.add_argument("--io", choices=("auto", "mmap", "pread", "direct"), help="HF_FASTLOAD_IO for the fast loads")
-    b.add_argument("--disable-mmap", action="store_true", help="pass disable_mmap=True (transformers 5)")
-    b.add_argument("--runs", type=int, default=3, help="rounds of stock, fast and floor (default 3)")
-    b.add_argument("--json", dest="json_path", metavar="OUT.json", help="write raw runs, summary and machine info")
-    b.add_argument("--plot", dest="plot_path", metavar="OUT.png", help="write a bar chart (needs matplotlib)")
-    b.add_argument("--forward", action="store_true", help="also time one forward pass over 8 tokens")
-    d = sub.add_parser("demo", help="build a small bf16 Llama once and bench loading it as float32")
-    d.add_argument("--params", type=float, default=1.5e8, help="parameters of the demo model (default 1.5e8)")
-    d.add_argument("--dir", dest="directory", help="checkpoint folder (default ~/.cache/hf_fastload/demo-<params>)")
-    d.add_argument("--runs", type=int, default=3)
-    args = vars(parser.parse_args(argv))
-    command = args.pop("command")
-    try:
-        if command == "run":
-            return run(program, module=args["module"], report=args["report"], verbose=args["verbose"])
-        if command == "bench":
-            bench(**args)
-        else:
-            demo(**args)
-    except (WorkerError, FileNotFoundError, ValueError) as e:
-        print(f"hf-fastload {command}: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

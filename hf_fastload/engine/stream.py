@@ -2,7 +2,7 @@
 
 Example:
     ```python
-    from hf_fastload.engine import LoadContext
+    from hf_fastload.engine.context import LoadContext
 
     ctx = LoadContext(threads=8)
     f = ctx.open("model.safetensors")
@@ -47,8 +47,10 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointFileError, FastLoadError
-from .reader import SafetensorsFile, TensorInfo, tensor_buffer
+from ..errors import CheckpointFileError, FastLoadError
+from ..format.file import SafetensorsFile
+from ..format.header import TensorInfo
+from .cpu import tensor_buffer
 
 __all__ = ["Backend", "CudaBackend", "HostBackend", "Pipeline", "StandInBackend", "backend_for", "standin"]
 

@@ -1,0 +1,14 @@
+"""The engine layer: checkpoint bytes to tensors on a device, fast and bit-identical to ``.to(device, dtype)``.
+
+- :mod:`~hf_fastload.engine.knobs`: ``HF_FASTLOAD_THREADS``, ``HF_FASTLOAD_IO``;
+- :mod:`~hf_fastload.engine.pools`: the reader threads;
+- :mod:`~hf_fastload.engine.cpu`: CPU tensors (zero-copy views, ``pread``, chunked conversion);
+- :mod:`~hf_fastload.engine.stream`: the device pipeline (pinned ring, side streams, device-side casts) and its
+  backends (CUDA, the CPU for direct I/O, a stand-in device for tests);
+- :mod:`~hf_fastload.engine.slices`: a block of a tensor (a tensor-parallel shard), reading only its bytes;
+- :mod:`~hf_fastload.engine.materialize`: the entry: which of the above makes a tensor;
+- :mod:`~hf_fastload.engine.handle`: the ``safe_open``-compatible handle and lazy ``TensorSlice`` transformers reads;
+- :mod:`~hf_fastload.engine.context`: one load's files, I/O choices, pipelines, errors and counters.
+
+Builds on :mod:`hf_fastload.format`; knows nothing of transformers.
+"""

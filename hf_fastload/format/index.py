@@ -1,0 +1,128 @@
+"""A checkpoint folder: ``model.safetensors``, or shards listed by ``model.safetensors.index.json``, checked together.
+
+Example:
+    ```python
+    from hf_fastload.format.index import check_folder
+
+    strays = check_folder("./llama-8b")   # raises CheckpointFileError / CheckpointContentError naming the culprit
+    for path in strays:
+        print(f"{path} looks like a shard but the index does not name it")
+    ```
+
+transformers would fail on most of what is checked here too, later and with a message that does not name the
+problem (or, for a tensor the index places in a shard that lacks it, not at all: 5.x initializes it randomly).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import CheckpointContentError, CheckpointFileError
+from .file import SafetensorsFile
+
+__all__ = ["INDEX_NAME", "WEIGHTS_NAME", "broken_entry", "check_folder", "read_weight_map"]
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"-\d+-of-\d+\.safetensors$")
+
+
+def broken_entry(path: str) -> str | None:
+    """Why ``path``, which exists as a directory entry, cannot be read as a file; None when it is a regular file or
+    absent. transformers treats such an entry as absent and says there is no weights file, which misleads."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"is a symbolic link to a missing file ({os.readlink(path)!r})"
+    except OSError as e:  # ELOOP: a symbolic link loop; EACCES: a directory on the way is not searchable
+        return f"cannot be opened: {e.strerror or e}"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    return None if stat.S_ISREG(mode) else "is not a regular file"
+
+
+def read_weight_map(index_path: str) -> dict[str, Any]:
+    """The ``weight_map`` (tensor name -> shard file) of a safetensors index.
+
+    Raises:
+        `CheckpointFileError`: the index cannot be read.
+        `CheckpointContentError`: it is not a JSON object with a ``weight_map`` object.
+    """
+    try:
+        with open(index_path, encoding="utf-8") as fh:
+            index = json.load(fh)
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError(f"'weight_map' is a {type(weight_map).__name__}, not an object")
+        set(weight_map.values())  # a shard named by a list or an object: TypeError, an invalid index
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointFileError(f"cannot read safetensors index {index_path}: {e}") from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointContentError(
+            f"invalid safetensors index {index_path}: expected a JSON object with a 'weight_map' of tensor name to "
+            f"shard file, found an error: {e!r}"
+        ) from None
+    return weight_map
+
+
+def check_folder(folder: str, open_file: Callable[[str], Any] | None = None) -> list[str]:
+    """Checks a local checkpoint folder's safetensors files; returns the stray shard files (see below).
+
+    - ``model.safetensors`` or the index that exists as a broken entry (a symlink loop, a dangling link, a directory);
+    - the index parses, and every shard it names exists and is readable;
+    - every tensor the index places in a shard is in that shard's header (else transformers 5 would initialize it
+      randomly as "missing", and 4.57 would return it on the meta device);
+    - a file named like a shard (``*-00003-of-00004.safetensors``) that the index does not name is not loaded: its
+      path is returned, for the caller to warn about (a leftover of an earlier save with another shard count, or a
+      shard missing from the index).
+
+    Args:
+        folder (`str`): the checkpoint folder.
+        open_file (`Callable[[str], SafetensorsFile]`, *optional*): opens a shard; a load passes its own opener, so
+            that the headers read here are the ones the load uses (each file is opened and parsed once). By default
+            each shard is opened, validated and closed.
+
+    Raises:
+        `CheckpointFileError`, `CheckpointContentError`: naming the file (and tensor) at fault.
+    """
+    index_path = os.path.join(folder, INDEX_NAME)
+    for path in (os.path.join(folder, WEIGHTS_NAME), index_path):
+        broken = broken_entry(path)
+        if broken is not None:
+            raise CheckpointFileError(f"checkpoint file {path} {broken}")
+    if not os.path.isfile(index_path):
+        return []
+    weight_map = read_weight_map(index_path)
+    by_shard: dict[Any, list[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(name)
+    for shard in sorted(by_shard, key=str):
+        names = sorted(by_shard[shard])
+        path = os.path.join(folder, str(shard))
+        if not isinstance(shard, str) or not os.path.isfile(path):
+            why = (broken_entry(path) if isinstance(shard, str) else None) or "does not exist"
+            raise CheckpointFileError(f"{index_path} names shard {shard!r} (holding e.g. {names[:3]}) but {path} {why}")
+        if open_file is None:
+            with SafetensorsFile(path) as handle:  # reads and validates the header
+                absent = [name for name in names if name not in handle.tensors]
+        else:
+            handle = open_file(path)
+            absent = [name for name in names if name not in handle.tensors]
+        if absent:
+            raise CheckpointContentError(
+                f"{index_path} places tensor {absent[0]!r} in {path}, but that file has no such tensor"
+                f"{f' ({len(absent)} such tensors, e.g. {absent[:3]})' if len(absent) > 1 else ''}; "
+                "the index does not belong to these shards (was a shard replaced or the index edited?)"
+            )
+    try:
+        names = sorted(n for n in os.listdir(folder) if _SHARD_NAME.search(n) and n not in by_shard)
+    except OSError:
+        names = []
+    return [os.path.join(folder, n) for n in names]
