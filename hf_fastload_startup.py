@@ -9,10 +9,10 @@ Example:
 The ``.pth`` line, ``import os; os.environ.get("HF_FASTLOAD") and __import__("hf_fastload_startup").main()``,
 imports this module only where ``HF_FASTLOAD`` is set: unset, the hook costs one environment lookup. Set but false,
 this module imports only ``os`` and ``sys`` (both loaded by ``site`` already) and changes nothing. True (``1``,
-``true``, ``yes``, ``on``, in any case) runs :func:`hf_fastload.features.startup.install`, which waits for ``transformers`` to
-be imported and then calls ``hf_fastload.enable()``; transformers is not imported here. Nothing here raises into the
-program: a failure is one line on stderr, and the program runs unmodified. A top-level module, kept small, because
-``site`` imports it while the interpreter starts.
+``true``, ``yes``, ``on``, in any case) runs :func:`hf_fastload.features.startup.install`, which waits for
+``transformers`` to be imported and then calls ``hf_fastload.enable()``; transformers is not imported here. Nothing
+here raises into the program: a failure is one line on stderr, and the program runs unmodified. A top-level module,
+kept small, because ``site`` imports it while the interpreter starts.
 """
 
 import os

@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it (imported on first use)
 _EXPORTS = {
-    "fast_from_pretrained": "integration.loader",
+    "fast_from_pretrained": "integration.api",
     "fast_pipeline": "features.pipeline",
     "inference_mode": "integration.inference",
     "training_mode": "integration.inference",
@@ -77,8 +77,8 @@ if TYPE_CHECKING:
     )
     from .features.optin import disable, enable, enabled
     from .features.pipeline import fast_pipeline
+    from .integration.api import fast_from_pretrained
     from .integration.inference import inference_mode, training_mode
-    from .integration.loader import fast_from_pretrained
     from .integration.noinit import disable_torch_init, restore_torch_init, skip_init
     from .report import LoadReport, last_report
 

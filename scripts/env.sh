@@ -6,12 +6,12 @@ export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 setup_venv() {  # setup_venv NAME TRANSFORMERS_SPEC
   local dir="$VENVS/$1"
-  if [ ! -x "$dir/bin/python" ] || ! "$dir/bin/python" -c "import hf_fastload, transformers, pytest" 2>/dev/null; then
+  if [ ! -x "$dir/bin/python" ] || ! "$dir/bin/python" -c "import hf_fastload, transformers, pytest, importlinter" 2>/dev/null; then
     rm -rf "$dir"
     "$PY" -m venv "$dir"
     "$dir/bin/pip" install -q torch==2.13.0
     "$dir/bin/pip" install -q "$2" -e ".[test]"
-  elif ! "$dir/bin/python" -c "from hf_fastload import cli; assert cli.startup_hook_installed()" 2>/dev/null; then
+  elif ! "$dir/bin/python" -c "from hf_fastload.tools import run; assert run.startup_hook_installed()" 2>/dev/null; then
     "$dir/bin/pip" install -q --no-deps -e .  # an environment from before hf_fastload_startup.pth existed
   fi
 }

@@ -136,3 +136,12 @@ def test_import_is_cheap():
     code = "import sys, hf_fastload; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_public_functions_import_nothing_heavy_until_called():
+    """``from hf_fastload import ...`` of the functions a program calls later costs nothing until the call."""
+    names = "fast_from_pretrained, enable, disable, enabled, inference_mode, training_mode, skip_init, last_report"
+    heavy = "sorted(m for m in ('torch', 'transformers') if m in sys.modules)"
+    code = f"import sys; from hf_fastload import {names}; print({heavy})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -506,8 +506,8 @@ sys.exit(int(sys.argv[-1]))
 def test_run_executes_script_and_module_with_their_exit_codes(hook_installed, tmp_path):
     (tmp_path / "show.py").write_text(_SHOW, encoding="utf-8")
     for target in (["show.py"], ["-m", "show"]):
-        proc = subprocess.run([sys.executable, "-m", "hf_fastload.tools.cli", "run", *target, "--x", "3"], cwd=tmp_path,
-                              env=_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+        proc = subprocess.run([sys.executable, "-m", "hf_fastload.tools.cli", "run", *target, "--x", "3"],
+                              cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
         assert proc.returncode == 3, proc.stderr
         assert proc.stdout.splitlines() == ["['--x', '3'] 1 __main__", "True"]
 
@@ -543,4 +543,5 @@ def test_wheel_ships_the_pth_at_the_root(tmp_path):
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert install.returncode == 0, install.stderr[-3000:]
     assert (target / PTH).read_text() == open(os.path.join(REPO, PTH)).read()
-    assert (target / "hf_fastload_startup.py").is_file() and (target / "hf_fastload" / "features" / "optin.py").is_file()
+    assert (target / "hf_fastload_startup.py").is_file()
+    assert (target / "hf_fastload" / "features" / "optin.py").is_file()

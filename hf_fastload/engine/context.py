@@ -149,8 +149,9 @@ class LoadContext:
         return None if target is None else materialize(ts, *target)
 
     def pipeline(self, device: torch.device, file: SafetensorsHandle) -> Any:
-        """The device pipeline (:mod:`hf_fastload.engine.stream`) for tensors going to ``device``, or None where tensors
-        take the CPU paths (a CPU target without ``HF_FASTLOAD_IO=direct``, or a device type without a backend)."""
+        """The device pipeline (:mod:`~hf_fastload.engine.stream`) for tensors going to ``device``, or None where
+        tensors take the CPU paths (a CPU target without ``HF_FASTLOAD_IO=direct``, or a device type without a
+        backend)."""
         key = str(device)
         with self.lock:
             if key in self.pipelines:

@@ -28,6 +28,7 @@ engine's chunk pool; a failure cancels or awaits the others before it is raised.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
@@ -46,8 +47,6 @@ _staging = threading.local()
 
 def tensor_buffer(tensor: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory (works for every dtype, numpy not needed)."""
-    import ctypes  # only for this; ctypes is not otherwise needed by the engine
-
     nbytes = tensor.numel() * tensor.element_size()
     return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 

@@ -20,6 +20,7 @@ import inspect
 import os
 from typing import Any
 
+import torch
 import transformers
 import transformers.pipelines
 
@@ -46,8 +47,6 @@ def _is_cpu(device: Any) -> bool:
         return True
     if isinstance(device, int):
         return device < 0
-    import torch
-
     try:
         return torch.device(device).type == "cpu"
     except (RuntimeError, TypeError, ValueError):
@@ -96,8 +95,6 @@ def fast_pipeline(task: str | None = None, model: Any = None, *args: Any, infere
 
 
 def _inference_context():
-    import torch
-
     return torch.inference_mode
 
 

@@ -1,4 +1,4 @@
-"""What ``HF_FASTLOAD=1`` does at interpreter start: arrange for ``hf_fastload.enable()`` once transformers is imported.
+"""What ``HF_FASTLOAD=1`` does at interpreter start: ``hf_fastload.enable()`` as soon as transformers is imported.
 
 Example:
     ```python

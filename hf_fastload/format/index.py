@@ -108,7 +108,9 @@ def check_folder(folder: str, open_file: Callable[[str], Any] | None = None) -> 
         path = os.path.join(folder, str(shard))
         if not isinstance(shard, str) or not os.path.isfile(path):
             why = (broken_entry(path) if isinstance(shard, str) else None) or "does not exist"
-            raise CheckpointFileError(f"{index_path} names shard {shard!r} (holding e.g. {names[:3]}) but {path} {why}")
+            raise CheckpointFileError(
+                f"{index_path} names shard {shard!r} (holding e.g. {names[:3]}) but {path} {why}"
+            )
         if open_file is None:
             with SafetensorsFile(path) as handle:  # reads and validates the header
                 absent = [name for name in names if name not in handle.tensors]

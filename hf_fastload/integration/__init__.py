@@ -2,7 +2,8 @@
 
 - :mod:`~hf_fastload.integration.compat`: every transformers 4.57 / 5.x difference, and the scoped hooks that hand
   a load's bytes path to the engine;
-- :mod:`~hf_fastload.integration.loader`: ``fast_from_pretrained``;
+- :mod:`~hf_fastload.integration.api`: ``fast_from_pretrained`` (cheap to import) over
+  :mod:`~hf_fastload.integration.loader`, the load itself;
 - :mod:`~hf_fastload.integration.fallback`: which loads stay on stock, and why;
 - :mod:`~hf_fastload.integration.checks`: the post-load verification, shape-mismatch errors;
 - :mod:`~hf_fastload.integration.distributed`: tensor-parallel arguments, rank and world size;

@@ -24,6 +24,7 @@ import threading
 from collections.abc import Iterator
 
 import transformers
+import transformers.modeling_utils as mu
 from packaging import version
 
 from ..engine.context import LoadContext
@@ -86,7 +87,7 @@ def _v4_target_device(device_map, param_name):
 
 
 def _patch_load_into_meta_model(original):
-    from transformers.modeling_utils import _infer_parameter_dtype
+    from transformers.modeling_utils import _infer_parameter_dtype  # 4.57 only: 5.x has no such function
 
     @functools.wraps(original)
     def _load_state_dict_into_meta_model(
@@ -115,11 +116,9 @@ def _patch_load_into_meta_model(original):
 
 
 def _targets():
-    import transformers.modeling_utils as mu
-
     yield mu, "safe_open", _patch_safe_open
     if TRANSFORMERS_V5:
-        import transformers.core_model_loading as cml
+        import transformers.core_model_loading as cml  # 5.x only: 4.57 has no such module
 
         yield cml, "_materialize_copy", _patch_materialize_copy
         if hasattr(mu, "_is_on_hf_mount"):

@@ -47,13 +47,13 @@ _MISSING = object()
 
 
 def _no_grad():
-    import torch
+    import torch  # import cost: `from hf_fastload import inference_mode` does not import torch
 
     return torch.no_grad()
 
 
 def _inference():
-    import torch
+    import torch  # import cost, as in _no_grad
 
     return torch.inference_mode()
 

@@ -1,12 +1,11 @@
-"""``fast_from_pretrained``: ``from_pretrained`` with hf_fastload's bytes path, checked after every load.
+"""The load behind ``fast_from_pretrained``: ``from_pretrained`` with hf_fastload's bytes path, checked after.
 
 Example:
     ```python
-    import hf_fastload
     from transformers import AutoModelForCausalLM
+    from hf_fastload.integration.loader import fast_load
 
-    model = hf_fastload.fast_from_pretrained("path/to/llama", model_class=AutoModelForCausalLM, dtype="float32")
-    print(hf_fastload.last_report())
+    model = fast_load("path/to/llama", (), {"dtype": "float32"}, model_class=AutoModelForCausalLM)
     ```
 
 A load: resolve the class (and the config, when the class comes from it); fall back to stock where the fast path
@@ -39,7 +38,7 @@ from .checks import how_initialized, load_config, shape_error, verify
 from .fallback import env_true, fallback_reason
 from .inference import inference_mode
 
-__all__ = ["LOAD_LOCK", "fast_from_pretrained", "fast_load", "in_fast_load"]
+__all__ = ["LOAD_LOCK", "fast_load", "in_fast_load"]
 
 # transformers' from_pretrained is not thread-safe: it builds models under process-wide patches (accelerate's
 # init_empty_weights on 4.57, init-function guards on 5.x), and two concurrent stock loads return models with
@@ -95,40 +94,6 @@ def _inference(out, inference: bool):
     return out
 
 
-def fast_from_pretrained(
-    pretrained_model_name_or_path: str | os.PathLike,
-    *model_args: Any,
-    model_class: Any = None,
-    strict: bool | None = None,
-    inference: bool = False,
-    **kwargs: Any,
-):
-    """Loads a model like ``model_class.from_pretrained``, reading the safetensors bytes with hf_fastload's engine.
-
-    Args:
-        pretrained_model_name_or_path (`str` or `os.PathLike`): a local folder, or a hub id already in the HF cache.
-        *model_args: passed to ``from_pretrained``.
-        model_class (`type`, *optional*): an Auto class or a concrete model class. Defaults to the class named in the
-            config's ``architectures[0]``, else ``AutoModel``.
-        strict (`bool`, *optional*): raise `FallbackRequiredError` instead of falling back to stock loading.
-            Defaults to the ``HF_FASTLOAD_STRICT`` environment variable.
-        inference (`bool`, *optional*, defaults to `False`): return the model wrapped by
-            `hf_fastload.inference_mode` (no autograd graph, ``requires_grad=False``; undo with `training_mode`).
-        **kwargs: every keyword ``from_pretrained`` takes (``dtype``, ``device_map``, ``revision``, ...), with the
-            same meaning and defaults as in the installed transformers.
-
-    Returns:
-        The model, or ``(model, loading_info)`` with ``output_loading_info=True``, as ``from_pretrained`` returns.
-
-    Example:
-        ```python
-        model = fast_from_pretrained("./tiny-llama", dtype="float32")
-        ```
-    """
-    return fast_load(pretrained_model_name_or_path, model_args, kwargs, model_class=model_class, strict=strict,
-                     inference=inference)
-
-
 def fast_load(
     pretrained_model_name_or_path: str | os.PathLike,
     model_args: tuple,
@@ -139,7 +104,8 @@ def fast_load(
     inference: bool = False,
     entry: Any = None,
 ):
-    """:func:`fast_from_pretrained`, with ``entry``: the original ``from_pretrained`` (bound to its class) of a routed
+    """:func:`~hf_fastload.fast_from_pretrained` (same arguments, ``model_args`` and ``kwargs`` as a tuple and a
+    dict), with ``entry``: the original ``from_pretrained`` (bound to its class) of a routed
     call (:mod:`hf_fastload.integration.routing`), which is called instead of ``model_class.from_pretrained`` (a
     subclass's own ``from_pretrained`` that called ``super()`` and was routed here must not run a second time)."""
     t0 = time.perf_counter()

@@ -62,7 +62,7 @@ def _skipping_init(original):
 
 
 def _module_classes():
-    import torch.nn as nn
+    import torch.nn as nn  # import cost: `from hf_fastload import skip_init` does not import torch
 
     seen = set()
     for name in dir(nn):
@@ -79,7 +79,7 @@ def _module_classes():
 
 
 def _targets():
-    import torch.nn.init as init
+    import torch.nn.init as init  # import cost, as in _module_classes
 
     for cls in _module_classes():
         yield cls, "reset_parameters", _skipping_reset

@@ -298,7 +298,7 @@ def format_table(result: dict[str, Any]) -> str:
 def write_plot(result: dict[str, Any], path: str) -> bool:
     """A PNG bar chart of median seconds and peak RSS per mode; prints a note and returns False without matplotlib."""
     try:
-        import matplotlib
+        import matplotlib  # optional (the `bench` extra): only for --plot
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -30,6 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version as dist_version
 
+from .bench import checkpoint_files
+
 CHUNK_BYTES = 8 << 20
 
 
@@ -67,7 +69,7 @@ def _model_bytes(model) -> int:
 
 def _target_dtype(path: str, requested: str, stored):
     """The dtype a load with ``dtype=requested`` ends in, for the floor (``none`` follows the installed default)."""
-    import torch
+    import torch  # import cost: this module imports nothing heavy at the top (the CLI test checks it)
 
     # compat.TRANSFORMERS_V5, read from the metadata: the floor does not import transformers.
     if requested == "none" and int(dist_version("transformers").split(".")[0]) < 5:
@@ -86,7 +88,7 @@ _staging = threading.local()
 def _floor_chunk(file, info, dest, lo: int, hi: int) -> None:
     """Bytes ``[lo, hi)`` of one tensor: read straight into ``dest`` (uint8), or via a reused staging buffer and
     converted into ``dest`` (the target dtype), so each output byte is written once."""
-    import torch  # import cost: this module imports nothing heavy at the top (the CLI test checks it)
+    import torch  # import cost, as everywhere in this module
 
     from ..engine.cpu import tensor_buffer
     from ..format.file import pread_into
@@ -143,7 +145,7 @@ def run_floor(path: str, files: list[str], requested: str, threads: int) -> dict
 
 def h2d_bandwidth(gib: int = 1, repeats: int = 3) -> dict:
     """Pinned host-to-device copy bandwidth in GB/s (best of ``repeats``), or {} without CUDA."""
-    import torch
+    import torch  # import cost, as everywhere in this module
 
     if not torch.cuda.is_available():
         return {}
@@ -161,7 +163,7 @@ def h2d_bandwidth(gib: int = 1, repeats: int = 3) -> dict:
 
 def run_load(args) -> dict:
     """Loads the model in ``args.mode`` (stock or fast), timed, with the counters the parent reports."""
-    import torch
+    import torch  # import cost, as everywhere in this module (and the loader's modules below)
     import transformers
 
     import hf_fastload
@@ -234,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.mode == "floor":
         from ..engine.knobs import settings  # import cost: the floor imports torch, not transformers
-        from .bench import checkpoint_files
 
         result = run_floor(args.path, args.files or checkpoint_files(args.path), args.dtype, settings()["threads"])
         if args.device == "cuda":

@@ -132,7 +132,7 @@ def _split(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int, shards: int
 
 def _fill(tensor, pool, gen) -> None:
     """Fills ``tensor`` with slices of ``pool`` (a doubled run of random values) starting at random offsets."""
-    import torch
+    import torch  # import cost: the CLI imports this module, and must not import torch
 
     flat = tensor.view(-1)
     for lo in range(0, flat.numel(), _POOL_ELEMENTS):
@@ -163,7 +163,7 @@ def make_checkpoint(
     Returns:
         `str`: the folder.
     """
-    import torch
+    import torch  # import cost, as in _fill (the same for the three below)
     import transformers
     from packaging import version
     from safetensors.torch import save_file

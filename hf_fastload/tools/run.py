@@ -14,6 +14,7 @@ inherit it, and the exit code is the program's.
 from __future__ import annotations
 
 import os
+import site
 import subprocess
 import sys
 
@@ -53,8 +54,6 @@ def run_command(
 
 def startup_hook_installed() -> bool:
     """Whether ``site`` runs ``hf_fastload_startup.pth`` in this Python: it is in one of its site-packages folders."""
-    import site
-
     if sys.flags.no_site:
         return False
     folders = list(site.getsitepackages()) if hasattr(site, "getsitepackages") else []
