@@ -1,5 +1,17 @@
 """Every difference between the supported transformers versions (4.57.x and 5.x) lives here.
 
+Example:
+    ```python
+    from hf_fastload.engine.context import LoadContext
+    from hf_fastload.integration import compat
+
+    ctx = LoadContext(threads=8)
+    with compat.hooks(ctx):    # this thread's from_pretrained reads its safetensors through ctx
+        model = LlamaForCausalLM.from_pretrained("path/to/llama")
+    ctx.close()
+    compat.TRANSFORMERS_V5     # True on 5.x
+    ```
+
 hf_fastload owns only the bytes path of a load; transformers keeps key renames, weight conversions, dtype rules,
 tying, missing-key init and device placement. The hooks that hand the bytes path to us differ by version:
 

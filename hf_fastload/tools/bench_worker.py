@@ -32,6 +32,8 @@ from importlib.metadata import version as dist_version
 
 from .bench import checkpoint_files
 
+__all__ = ["h2d_bandwidth", "main", "reset_peak_rss", "run_floor", "run_load", "vm_bytes"]
+
 CHUNK_BYTES = 8 << 20
 
 
