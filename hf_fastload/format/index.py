@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import CheckpointContentError, CheckpointFileError
 from .file import SafetensorsFile
 
-__all__ = ["INDEX_NAME", "WEIGHTS_NAME", "broken_entry", "check_folder", "read_weight_map"]
+__all__ = ["INDEX_NAME", "WEIGHTS_NAME", "broken_entry", "check_folder", "read_weight_map", "weight_files"]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -128,3 +128,18 @@ def check_folder(folder: str, open_file: Callable[[str], Any] | None = None) -> 
     except OSError:
         names = []
     return [os.path.join(folder, n) for n in names]
+
+
+def weight_files(folder: str) -> list[str]:
+    """The safetensors files a load of ``folder`` will read: the shards its index names, else ``model.safetensors``;
+    ``[]`` when there are none. A best-effort list (for prefetching): never raises, checks nothing."""
+    index_path = os.path.join(folder, INDEX_NAME)
+    try:
+        if os.path.isfile(index_path):
+            shards = read_weight_map(index_path).values()
+            inside = {s for s in shards if isinstance(s, str) and not os.path.isabs(s) and ".." not in s.split("/")}
+            return [os.path.join(folder, s) for s in sorted(inside)]
+    except (CheckpointFileError, CheckpointContentError):
+        return []
+    single = os.path.join(folder, WEIGHTS_NAME)
+    return [single] if os.path.isfile(single) else []

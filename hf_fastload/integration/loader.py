@@ -26,12 +26,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import transformers
+from huggingface_hub import try_to_load_from_cache
 from transformers.utils import logging
 
 from ..engine.context import LoadContext
 from ..engine.knobs import settings
 from ..errors import FallbackRequiredError
-from ..format.index import INDEX_NAME, check_folder
+from ..format.index import INDEX_NAME, check_folder, weight_files
 from ..report import LoadReport, _set_last_report
 from . import compat, distributed
 from .checks import how_initialized, load_config, shape_error, verify
@@ -78,6 +79,20 @@ def _resolve_class(model_class, source, kwargs):
     return transformers.AutoModel, config
 
 
+def _checkpoint_folder(source: str, kwargs: dict) -> str | None:
+    """The local folder holding the checkpoint: ``source`` itself, or the HF cache's snapshot of a hub id (found
+    without network); None when it is not known yet (transformers downloads or resolves it later)."""
+    subfolder = kwargs.get("subfolder") or ""
+    if os.path.isdir(source):
+        return os.path.join(source, subfolder)
+    try:
+        hub = {"cache_dir": kwargs.get("cache_dir"), "revision": kwargs.get("revision")}
+        found = try_to_load_from_cache(source, os.path.join(subfolder, "config.json"), **hub)
+    except Exception:  # not a valid repo id, an unreadable cache: transformers will say what is wrong
+        return None
+    return os.path.dirname(found) if isinstance(found, str) else None
+
+
 def _check_folder(folder: str, ctx: LoadContext) -> None:
     """:func:`~hf_fastload.format.index.check_folder` with the load's opener; warns about each stray shard."""
     for path in check_folder(folder, ctx.open):
@@ -114,33 +129,36 @@ def fast_load(
     knobs = settings()
     report = LoadReport(source=source, transformers_version=transformers.__version__, threads=knobs["threads"])
     _set_last_report(report)
-
-    cls, config = _resolve_class(model_class, source, kwargs)
-    load = entry or cls.from_pretrained
-    report.model_class = cls.__name__
-    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-    report.dtype = str(dtype) if dtype is not None else "default"
-    device_map = kwargs.get("device_map")
-    report.device = str(device_map) if device_map is not None else "cpu"
-    reason = fallback_reason(source, kwargs, config)
+    prefer_pread = bool(compat.HAS_DISABLE_MMAP and kwargs.get("disable_mmap"))
+    # a tensor-parallel rank reads only its own shards: no whole-file readahead
+    ctx = LoadContext(knobs["io"], knobs["threads"], prefer_pread, readahead=not distributed.tp_requested(kwargs))
+    try:
+        folder = _checkpoint_folder(source, kwargs)
+        if folder is not None:  # the disk works while transformers imports the model's code and builds it
+            ctx.prefetch(weight_files(folder))
+        cls, config = _resolve_class(model_class, source, kwargs)
+        load = entry or cls.from_pretrained
+        report.model_class = cls.__name__
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        report.dtype = str(dtype) if dtype is not None else "default"
+        device_map = kwargs.get("device_map")
+        report.device = str(device_map) if device_map is not None else "cpu"
+        reason = fallback_reason(source, kwargs, config)
+        if reason is None and os.path.isdir(source):
+            _check_folder(os.path.join(source, kwargs.get("subfolder") or ""), ctx)
+    except BaseException:
+        ctx.close()
+        raise
     if reason is not None:
+        ctx.close()
         out = _fallback(load, source, model_args, kwargs, report, reason, strict, t0)
         report.rank, report.world_size = distributed.rank_and_world()
         _finished(report)
         return _inference(out, inference)
 
     want_info = kwargs.pop("output_loading_info", False)
-    prefer_pread = False
-    if compat.HAS_DISABLE_MMAP and kwargs.get("disable_mmap"):
-        prefer_pread, kwargs["disable_mmap"] = True, False  # we read with pread; stock would read whole files
-    ctx = LoadContext(io=knobs["io"], threads=knobs["threads"], prefer_pread=prefer_pread)
-    ctx.readahead = not distributed.tp_requested(kwargs)  # a tensor-parallel rank reads only its own shards
-    if os.path.isdir(source):
-        try:
-            _check_folder(os.path.join(source, kwargs.get("subfolder") or ""), ctx)
-        except BaseException:
-            ctx.close()
-            raise
+    if prefer_pread:
+        kwargs["disable_mmap"] = False  # we read with pread; stock would read whole files
     t_build = time.perf_counter()
     try:
         with LOAD_LOCK, compat.hooks(ctx), _inside():
