@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 
+import pytest
 import torch
 import transformers
 from models import build_checkpoint
@@ -91,3 +92,23 @@ def test_readahead_off(tmp_path, monkeypatch):
     events = _spy(monkeypatch)
     hf_fastload.fast_from_pretrained(folder, model_class=LLAMA)
     assert not [e for e in events if e[0] == "advise"]
+
+
+def test_readahead_when_opened(tmp_path, monkeypatch):
+    """``HF_FASTLOAD_READAHEAD=open``: no prefetch at the entry; each file is read ahead once, when it is opened."""
+    folder = build_checkpoint("llama", str(tmp_path / "m"), torch.bfloat16, sharded=True)
+    monkeypatch.setenv("HF_FASTLOAD_READAHEAD", "open")
+    events = _spy(monkeypatch)
+    hf_fastload.fast_from_pretrained(folder, model_class=LLAMA)
+    assert not [e for e in events if e[0] == "prefetch"]
+    deadline = time.monotonic() + 10
+    while {e[1] for e in events if e[0] == "advise"} != set(_weights(folder)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert {e[1] for e in events if e[0] == "advise"} == set(_weights(folder))
+
+
+def test_readahead_knob_is_checked(tmp_path, monkeypatch):
+    folder = build_checkpoint("llama", str(tmp_path / "m"), torch.bfloat16)
+    monkeypatch.setenv("HF_FASTLOAD_READAHEAD", "sometimes")
+    with pytest.raises(hf_fastload.FastLoadError, match="HF_FASTLOAD_READAHEAD='sometimes' is not one of"):
+        hf_fastload.fast_from_pretrained(folder, model_class=LLAMA)

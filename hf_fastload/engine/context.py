@@ -48,14 +48,14 @@ class LoadContext:
         threads (`int`): reader threads.
         prefer_pread (`bool`): the caller asked for no mmap (`disable_mmap=True`).
         readahead (`bool`): ask the kernel to read each file ahead, whole (off for tensor-parallel loads, where each
-            rank reads only its own shards; also off with ``HF_FASTLOAD_READAHEAD=0``).
+            rank reads only its own shards, and with ``HF_FASTLOAD_READAHEAD=0``).
     """
 
     def __init__(self, io: str = "auto", threads: int = 2, prefer_pread: bool = False, readahead: bool = True):
         self.io = io
         self.threads = threads
         self.prefer_pread = prefer_pread
-        self.readahead = readahead and os.environ.get("HF_FASTLOAD_READAHEAD", "1").strip() != "0"
+        self.readahead = readahead
         self._advised: set[str] = set()  # files whose readahead was started (by realpath)
         self.lock = threading.Lock()
         self.files: dict[tuple[str, str], SafetensorsHandle] = {}

@@ -131,9 +131,10 @@ def fast_load(
     _set_last_report(report)
     prefer_pread = bool(compat.HAS_DISABLE_MMAP and kwargs.get("disable_mmap"))
     # a tensor-parallel rank reads only its own shards: no whole-file readahead
-    ctx = LoadContext(knobs["io"], knobs["threads"], prefer_pread, readahead=not distributed.tp_requested(kwargs))
+    readahead = knobs["readahead"] != "off" and not distributed.tp_requested(kwargs)
+    ctx = LoadContext(knobs["io"], knobs["threads"], prefer_pread, readahead=readahead)
     try:
-        folder = _checkpoint_folder(source, kwargs)
+        folder = _checkpoint_folder(source, kwargs) if readahead and knobs["readahead"] == "entry" else None
         if folder is not None:  # the disk works while transformers imports the model's code and builds it
             ctx.prefetch(weight_files(folder))
         cls, config = _resolve_class(model_class, source, kwargs)
