@@ -10,7 +10,9 @@ tying, missing-key init and device placement. The hooks that hand the bytes path
   False during a fast load: the engine picks its own I/O mode, ``pread`` where stock would have read whole files;
 - 4.57: ``_load_state_dict_into_meta_model`` gets a wrapper that computes each tensor's target dtype and device
   with transformers' own ``_infer_parameter_dtype`` and device-map rule; when the original function reads a tensor
-  (``slice[...]``) it gets it already in its final dtype and device, and its own ``.to()`` calls are no-ops.
+  (``slice[...]``) it gets it already in its final dtype and device, and its own ``.to()`` calls are no-ops. The
+  loop takes one tensor at a time, so the next planned tensors are prefetched (materialized in the background, a
+  bounded window of bytes ahead: :meth:`~hf_fastload.engine.LoadContext.prefetch`) while it works.
 
 The patches are installed once while any fast load runs (refcounted under a lock) and removed after the last.
 """
@@ -109,6 +111,7 @@ def _patch_load_into_meta_model(original):
                 _, casting_dtype = _infer_parameter_dtype(model, param_name, empty_param, keep_in_fp32_regex, None)
                 name = reverse_renaming_mapping[param_name]
                 ctx.plan(handle.get_slice(name), device, casting_dtype)
+            ctx.prefetch()  # the first tensors stream while the loop starts; each one taken prefetches more
         return original(model, state_dict, shard_file, reverse_renaming_mapping, device_map, *args, **kwargs)
 
     return _load_state_dict_into_meta_model

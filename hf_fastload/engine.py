@@ -38,6 +38,8 @@ from .reader import SafetensorsFile, TensorInfo, TensorSlice, tensor_buffer
 __all__ = ["LoadContext", "alloc_cpu", "materialize", "settings"]
 
 CHUNK_BYTES = 8 << 20
+PREFETCH_BYTES = 512 << 20  # 4.57: target bytes materialized ahead of transformers' loop
+PREFETCH_THREADS = 4  # 4.57: tensors materialized at once ahead of the loop (5.x's loader uses 4 threads too)
 READAHEAD_CHUNK = 32 << 20
 READAHEAD_THREADS = 8
 IO_MODES = ("auto", "mmap", "pread", "direct")
@@ -78,8 +80,15 @@ class LoadContext:
         self.last: float | None = None
         self.errors: list[BaseException] = []
         self.readahead_bytes = 0
-        self._planned: dict[tuple[str, str], tuple[Any, torch.dtype | None]] = {}
-        self.pipelines: dict[str, Any] = {}  # device -> stream.Pipeline, made on its first tensor
+        self._planned: dict[tuple[str, str], tuple[TensorSlice, Any, torch.dtype | None]] = {}
+        self._order: list[tuple[str, str]] = []  # planned tensors in the order the loop will take them
+        self._next = 0  # the first planned tensor not yet prefetched
+        self._prefetched: dict[tuple[str, str], tuple[Future, int]] = {}  # key -> (materializing, target bytes)
+        self.prefetch_bytes = 0  # target bytes prefetched and not yet taken
+        self.prefetch_window = PREFETCH_BYTES
+        self.prefetched = 0  # tensors that were prefetched, and the most target bytes ahead at once
+        self.peak_prefetch_bytes = 0
+        self.pipelines: dict[str, Any] = {}  # resolved device -> stream.Pipeline, made on its first tensor
         self.closed = False  # set by close(): a task still running for a failed load opens nothing more
         self.active = 0  # tensors being materialized now; close() waits for them
         self._idle = threading.Condition(self.lock)
@@ -153,30 +162,78 @@ class LoadContext:
         return materialize(ts, device, dtype)
 
     def plan(self, ts: TensorSlice, device: Any = None, dtype: torch.dtype | None = None) -> None:
-        """Records where ``ts`` goes; the next ``ts[...]`` returns it on that device in that dtype (4.57's hook)."""
+        """Records where ``ts`` goes; the next ``ts[...]`` returns it on that device in that dtype (4.57's hook).
+        Tensors are expected to be taken in the order they were planned (see :meth:`prefetch`)."""
+        key = (ts.file.path, ts.info.name)
         with self.lock:
-            self._planned[(ts.file.path, ts.info.name)] = (device, dtype)
+            if key not in self._planned:
+                self._order.append(key)
+            self._planned[key] = (ts, device, dtype)
+
+    def prefetch(self) -> None:
+        """Starts materializing the next planned tensors in the background, in plan order, while the caller works
+        (4.57's loop takes one tensor at a time and does its own work between them).
+
+        At most ``prefetch_window`` target bytes are materialized ahead of the loop (at least one tensor), on
+        ``PREFETCH_THREADS`` threads; each tensor streams with all reader threads as usual. A prefetched tensor's
+        error is raised when the loop takes it, so errors surface in the loop's order, as stock raises them.
+        """
+        with self.lock:
+            while not self.closed and self._next < len(self._order):
+                if self._prefetched and self.prefetch_bytes >= self.prefetch_window:
+                    break
+                key = self._order[self._next]
+                self._next += 1
+                target = self._planned.get(key)
+                if target is None or key in self._prefetched:
+                    continue
+                ts, device, dtype = target
+                nbytes = ts.info.numel * (dtype or ts.info.torch_dtype).itemsize
+                future = _get_pool("prefetch", PREFETCH_THREADS).submit(materialize, ts, device, dtype, False)
+                self._prefetched[key] = (future, nbytes)
+                self.prefetch_bytes += nbytes
+                self.prefetched += 1
+                self.peak_prefetch_bytes = max(self.peak_prefetch_bytes, self.prefetch_bytes)
 
     def take(self, ts: TensorSlice) -> torch.Tensor | None:
-        """The planned tensor for ``ts`` (materialized now), or None when nothing was planned for it."""
+        """The planned tensor for ``ts`` (prefetched, or materialized now), or None when nothing was planned for it;
+        then the next planned tensors are prefetched."""
+        key = (ts.file.path, ts.info.name)
         with self.lock:
-            target = self._planned.pop((ts.file.path, ts.info.name), None)
-        return None if target is None else materialize(ts, *target)
+            target = self._planned.pop(key, None)
+            ahead = self._prefetched.pop(key, None)
+            if ahead is not None:
+                self.prefetch_bytes -= ahead[1]
+        if target is None:
+            return None
+        try:
+            if ahead is None:
+                return materialize(*target)
+            try:
+                return ahead[0].result()
+            except BaseException as e:
+                self.fail(e)  # recorded now, in the loop's order
+                raise
+        finally:
+            self.prefetch()
 
     def pipeline(self, device: torch.device, file: SafetensorsFile) -> Any:
         """The device pipeline (:mod:`hf_fastload.stream`) for tensors going to ``device``, or None where tensors
-        take the CPU paths (a CPU target without ``HF_FASTLOAD_IO=direct``, or a device type without a backend)."""
+        take the CPU paths (a CPU target without ``HF_FASTLOAD_IO=direct``, or a device type without a backend).
+        ``"cuda"`` and ``"cuda:0"`` (the current device) share one pipeline."""
+        from . import stream
+
+        device = stream.resolve_device(device)
         key = str(device)
         with self.lock:
             if key in self.pipelines:
                 return self.pipelines[key]
-        from . import stream
-
         backend = stream.backend_for(device, file.io)
         pipe = None
         if backend is not None:
-            budget = stream.pinned_budget()
-            pipe = stream.Pipeline(backend, _chunk_pool(self.threads).submit, self.threads, budget, self.failed)
+            budget, chunk = stream.pinned_budget(), stream.chunk_bytes()
+            pool = _chunk_pool(self.threads)
+            pipe = stream.Pipeline(backend, pool.submit, self.threads, budget, self.failed, chunk=chunk)
         with self.lock:
             return self.pipelines.setdefault(key, pipe)
 
@@ -208,6 +265,11 @@ class LoadContext:
         with self.lock:
             self.closed = True
             self._planned.clear()
+            ahead, self._prefetched = list(self._prefetched.values()), {}
+            self.prefetch_bytes = 0
+        for future, _ in ahead:
+            future.cancel()  # not started: never runs; running: awaited below (it counts as active)
+        with self.lock:
             self._idle.wait_for(lambda: self.active == 0, timeout)
             handles = list(self.files.values())
             pipes = [p for p in self.pipelines.values() if p is not None and not p.closed]
@@ -434,8 +496,13 @@ def _read_same(file: SafetensorsFile, info: TensorInfo, threads: int) -> torch.T
     return out
 
 
-def materialize(ts: TensorSlice, device: Any = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The tensor behind ``ts`` on ``device`` (default CPU) in ``dtype`` (default: as stored), owned or zero-copy."""
+def materialize(ts: TensorSlice, device: Any = None, dtype: torch.dtype | None = None,
+                record_failure: bool = True) -> torch.Tensor:  # fmt: skip
+    """The tensor behind ``ts`` on ``device`` (default CPU) in ``dtype`` (default: as stored), owned or zero-copy.
+
+    A failure is recorded in the load's context (which stops the rest of the load), unless ``record_failure`` is
+    False (a prefetch: the failure is recorded when the tensor is taken).
+    """
     file, info = ts.file, ts.info
     ctx: LoadContext | None = getattr(file, "context", None)
     threads = ctx.threads if ctx is not None else settings()["threads"]
@@ -446,9 +513,11 @@ def materialize(ts: TensorSlice, device: Any = None, dtype: torch.dtype | None =
         ctx.begin()
     try:
         pipe = ctx.pipeline(target, file) if ctx is not None and target.type != "meta" else None
+        if pipe is not None and dtype != info.torch_dtype and not pipe.backend.can_cast(info.torch_dtype, dtype):
+            pipe = None  # no device conversion with the CPU's bits: convert on the CPU, as stock does, then copy
         if target.type == "meta":
             out, method = torch.empty(info.shape, dtype=dtype, device="meta"), "meta"
-        elif pipe is not None:
+        elif pipe is not None:  # the pipeline's tensor is on the (resolved) device already
             out = pipe.load(file, info, dtype)
             method = f"stream({pipe.backend.name}){'+cast' if dtype != info.torch_dtype else ''}"
         elif dtype != info.torch_dtype and file.io == "mmap":
@@ -460,10 +529,10 @@ def materialize(ts: TensorSlice, device: Any = None, dtype: torch.dtype | None =
             out, method = file.view(info), "zero-copy"
         else:
             out, method = _read_same(file, info, threads), "pread"
-        if target.type not in ("cpu", "meta"):
+        if target.type not in ("cpu", "meta") and pipe is None:
             out, method = out.to(device=target), f"{method}+to({target.type})"
     except BaseException as e:
-        if ctx is not None:
+        if ctx is not None and record_failure:
             ctx.fail(e)
         raise
     finally:
