@@ -38,9 +38,10 @@ from .reader import SafetensorsFile, TensorInfo, TensorSlice, tensor_buffer
 __all__ = ["LoadContext", "alloc_cpu", "materialize", "settings"]
 
 CHUNK_BYTES = 8 << 20
-PREFETCH_BYTES = 512 << 20  # 4.57: target bytes materialized ahead of transformers' loop
-PREFETCH_THREADS = 4  # 4.57: tensors materialized at once ahead of the loop (5.x's loader uses 4 threads too)
+PREFETCH_BYTES = 512 << 20  # target bytes materialized ahead of what transformers asked for (LoadContext.prefetch)
+PREFETCH_THREADS = 8  # tensors materialized at once ahead of it
 READAHEAD_CHUNK = 32 << 20
+_PLANNED = object()  # LoadContext.take(): the target the tensor was planned with
 READAHEAD_THREADS = 8
 IO_MODES = ("auto", "mmap", "pread", "direct")
 
@@ -162,12 +163,18 @@ class LoadContext:
         return materialize(ts, device, dtype)
 
     def plan(self, ts: TensorSlice, device: Any = None, dtype: torch.dtype | None = None) -> None:
-        """Records where ``ts`` goes; the next ``ts[...]`` returns it on that device in that dtype (4.57's hook).
-        Tensors are expected to be taken in the order they were planned (see :meth:`prefetch`)."""
+        """Records where ``ts`` goes: the next ``ts[...]`` (4.57) or ``take(ts, device, dtype)`` (5.x) returns it on
+        that device in that dtype. Tensors are expected to be taken in the order they were planned (see
+        :meth:`prefetch`); a tensor planned twice is not planned (each request then materializes it)."""
         key = (ts.file.path, ts.info.name)
         with self.lock:
-            if key not in self._planned:
-                self._order.append(key)
+            if self.closed:
+                return
+            if key in self._planned:
+                self._planned[key] = None
+                self._prefetched.pop(key, None)  # a prefetch already running is dropped (close awaits it)
+                return
+            self._order.append(key)
             self._planned[key] = (ts, device, dtype)
 
     def prefetch(self) -> None:
@@ -195,12 +202,16 @@ class LoadContext:
                 self.prefetched += 1
                 self.peak_prefetch_bytes = max(self.peak_prefetch_bytes, self.prefetch_bytes)
 
-    def take(self, ts: TensorSlice) -> torch.Tensor | None:
-        """The planned tensor for ``ts`` (prefetched, or materialized now), or None when nothing was planned for it;
-        then the next planned tensors are prefetched."""
+    def take(self, ts: TensorSlice, device: Any = _PLANNED, dtype: Any = _PLANNED) -> torch.Tensor | None:
+        """The planned tensor for ``ts`` (prefetched, or materialized now), or None when nothing was planned for it
+        (or, given ``device`` and ``dtype``, it was planned for another target); then the next planned tensors are
+        prefetched."""
         key = (ts.file.path, ts.info.name)
         with self.lock:
-            target = self._planned.pop(key, None)
+            target = self._planned.get(key)
+            if target is not None and device is not _PLANNED and not _same_target(target, device, dtype):
+                return None
+            self._planned.pop(key, None)
             ahead = self._prefetched.pop(key, None)
             if ahead is not None:
                 self.prefetch_bytes -= ahead[1]
@@ -216,6 +227,14 @@ class LoadContext:
                 raise
         finally:
             self.prefetch()
+
+    def streams(self, device: Any, file: SafetensorsFile) -> bool:
+        """Whether tensors of ``file`` going to ``device`` take a device pipeline (whose ring this starts)."""
+        try:
+            target = torch.device(device) if device is not None else torch.device("cpu")
+        except (RuntimeError, TypeError):
+            return False
+        return target.type != "meta" and self.pipeline(target, file) is not None
 
     def pipeline(self, device: torch.device, file: SafetensorsFile) -> Any:
         """The device pipeline (:mod:`hf_fastload.stream`) for tensors going to ``device``, or None where tensors
@@ -333,6 +352,18 @@ class LoadContext:
     def fail(self, error: BaseException) -> None:
         with self.lock:
             self.errors.append(error)
+
+
+def _same_target(target: tuple, device: Any, dtype: Any) -> bool:
+    _, planned_device, planned_dtype = target
+
+    def norm(d):
+        return None if d is None else torch.device(d)
+
+    try:
+        return norm(planned_device) == norm(device) and planned_dtype == dtype
+    except (RuntimeError, TypeError):
+        return False
 
 
 def _ended(path: str) -> CheckpointFileError:

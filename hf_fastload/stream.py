@@ -81,6 +81,7 @@ __all__ = [
 ALIGN = 4096  # O_DIRECT needs the buffer, the file offset and the length aligned to the logical block size
 DEFAULT_CHUNK = 16 << 20
 DEFAULT_PINNED_MB = 256
+TENSORS_AT_ONCE = 4  # tensors transformers materializes at once (5.x's loader threads; 4.57's prefetch)
 
 
 class LoadAborted(FastLoadError):
@@ -149,8 +150,10 @@ class CastRule:
       by looking each element up (exact for every value, NaN payloads included);
     - for fp32 sources, the device converts with its own round-to-nearest-even (the same as the CPU's for every
       number), then rewrites NaNs: to ``nan_const`` where the CPU gives one pattern for every NaN (x86: 0xFFFF for
-      bf16), else from ``nan_table``, indexed by the sign and the top ``nan_keep`` mantissa bits (or all 23 where
-      the CPU's result depends on more).
+      bf16), else from ``nan_table``, indexed by the sign and the top ``nan_keep`` mantissa bits (x86 fp16: the
+      payload is truncated and quieted). Which of these holds is read off the CPU's results for every sign and top
+      bits with 16 low-bit patterns each (the rounding boundaries and random ones); where the low bits matter, the
+      table holds all 2^24 NaNs.
     """
 
     def __init__(self, src: torch.dtype, dst: torch.dtype):
@@ -168,22 +171,31 @@ class CastRule:
             # index = pattern & 0xFFFF: rotate so that entry i belongs to pattern i
             self.table = torch.cat([table[1 << 15 :], table[: 1 << 15]])
             return
-        mantissa = torch.arange(1, 1 << 23, dtype=torch.int32)
-        nans = []
-        for sign in (0, 1):
-            bits = mantissa | 0x7F800000 | (-(1 << 31) if sign else 0)
-            nans.append(bits.view(torch.float32).to(dst).view(out_bits))
-        by_sign = torch.stack(nans).to(torch.int32) & ((1 << (8 * dst.itemsize)) - 1)  # [2, 2^23 - 1]
-        first = int(by_sign[0, 0])
-        if bool((by_sign == first).all()):
-            self.nan_const = first
-            return
-        full = torch.cat([by_sign[:, :1], by_sign], dim=1)  # mantissa 0 is an infinity: give it a NaN's entry
         keep = _MANTISSA[dst]
-        grouped = full.view(2, 1 << keep, 1 << (23 - keep))
-        if bool((grouped == grouped[:, :, 1:2]).all()):
-            self.nan_keep, full = keep, grouped[:, :, 1]
-        self.nan_table = full.reshape(-1).to(out_bits)
+        drop = 23 - keep
+        # every sign and top-`keep` mantissa bits, with low bits at the rounding boundaries and a few random ones
+        g = torch.Generator().manual_seed(0)
+        lows = torch.tensor([0, 1, 2, (1 << (drop - 1)) - 1, 1 << (drop - 1), (1 << (drop - 1)) + 1, (1 << drop) - 1])
+        lows = torch.cat([lows, torch.randint(0, 1 << drop, (9,), generator=g)]).to(torch.int32)
+        top = torch.arange(1 << keep, dtype=torch.int32).view(-1, 1) << drop
+        mantissa = (top | lows.view(1, -1)).view(1, 1 << keep, -1)
+        sign = torch.tensor([0, -(1 << 31)], dtype=torch.int32).view(2, 1, 1)
+        bits = (mantissa | sign | 0x7F800000).clone()
+        bits[:, 0, 0] |= 1  # mantissa 0 would be an infinity
+        sample = bits.view(torch.float32).to(dst).view(out_bits).to(torch.int32) & ((1 << (8 * dst.itemsize)) - 1)
+        first = int(sample[0, 0, 0])
+        if bool((sample == first).all()):
+            self.nan_const = first  # the CPU gives one pattern for every NaN
+        elif bool((sample == sample[:, :, :1]).all()):
+            self.nan_keep, self.nan_table = keep, sample[:, :, 0].reshape(-1).to(out_bits)  # sign and top bits
+        else:  # the CPU's NaN depends on low mantissa bits too: the whole table (2^24 entries, built once)
+            mantissa = torch.arange(1 << 23, dtype=torch.int32)
+            nans = []
+            for sign_bit in (0, -(1 << 31)):
+                bits = mantissa | 0x7F800000 | sign_bit
+                bits[0] |= 1
+                nans.append(bits.view(torch.float32).to(dst).view(out_bits))
+            self.nan_table = torch.cat(nans)
 
     def on(self, device: torch.device) -> CastRule:
         """This rule with its tables on ``device`` (copied once per device, from the calling thread)."""
@@ -500,7 +512,8 @@ class StandInBackend(Backend):
     - CUDA's conversions: NaNs come out as the canonical NaN (0x7FFF, 0x7FFFFFFF), as ``cvt.rn`` gives them
       (``nan="cpu"`` keeps the CPU's);
     - bandwidths: ``copy_gbps`` is shared by all streams (one link), each copy also waits ``copy_latency``; reads
-      take ``read_gbps`` (shared by the reader threads). Real bytes move too, so results stay bit-identical.
+      share ``read_gbps`` (the disk or page cache) and one thread reads at most ``read_thread_gbps`` (a memory
+      copy). Real bytes move too, so results stay bit-identical; the real work hides inside the simulated time.
 
     Args:
         device (`str`): where tensors really live (`"cpu"`).
@@ -511,7 +524,8 @@ class StandInBackend(Backend):
         fail_record_at (`int`, *optional*): the event record with this number raises (after its copy was queued).
         pinned_fail_after (`int`, *optional*): host (pinned) buffers after this many fail, as a failed
             ``cudaHostAlloc`` does.
-        copy_gbps, read_gbps (`float`, *optional*): simulated bandwidths in GB/s; copy_latency in seconds.
+        copy_gbps, read_gbps, read_thread_gbps (`float`, *optional*): simulated bandwidths in GB/s;
+            copy_latency (`float`): seconds from queuing a copy to its transfer's start.
         nan (`str`): `"cuda"` (default) or `"cpu"`: what the device's own conversion does with NaNs.
     """
 
@@ -523,14 +537,16 @@ class StandInBackend(Backend):
     def __init__(self, device: str = "cpu", delay: float = 0.0, oom_after_bytes: int | None = None,
                  fail_copy_at: int | None = None, fail_record_at: int | None = None,
                  pinned_fail_after: int | None = None, copy_gbps: float | None = None, copy_latency: float = 0.0,
-                 read_gbps: float | None = None, nan: str = "cuda"):  # fmt: skip
+                 read_gbps: float | None = None, read_thread_gbps: float | None = None,
+                 nan: str = "cuda"):  # fmt: skip
         super().__init__(torch.device(device))
         self.delay = delay
         self.oom_after_bytes = oom_after_bytes
         self.fail_copy_at = fail_copy_at
         self.fail_record_at = fail_record_at
         self.pinned_fail_after = pinned_fail_after
-        self.copy_gbps, self.copy_latency, self.read_gbps = copy_gbps, copy_latency, read_gbps
+        self.copy_gbps, self.copy_latency = copy_gbps, copy_latency
+        self.read_gbps, self.read_thread_gbps = read_gbps, read_thread_gbps
         self.nan = nan
         self.lock = threading.Lock()
         self.allocated = 0
@@ -755,11 +771,12 @@ class StandInBackend(Backend):
             return sum(s.busy for s in self.streams)
 
     def read_done(self, nbytes: int, started: float) -> None:
-        if not self.read_gbps:
-            return
-        with self.lock:
-            begin = max(started, self._disk_free)
-            end = self._disk_free = begin + nbytes / (self.read_gbps * 1e9)
+        end = started + (nbytes / (self.read_thread_gbps * 1e9) if self.read_thread_gbps else 0.0)
+        if self.read_gbps:
+            with self.lock:
+                begin = max(started, self._disk_free)
+                self._disk_free = begin + nbytes / (self.read_gbps * 1e9)
+                end = max(end, self._disk_free)
         _sleep_until(end)
 
     def close(self) -> None:
@@ -958,6 +975,7 @@ class Pipeline:
         self.aborted = aborted
         self.slot_bytes, self.nslots = ring_shape(threads, budget, chunk)
         self.chunk = self.slot_bytes
+        self.pieces = max(1, -(-threads // TENSORS_AT_ONCE))
         self.ring: Ring | None = None
         self.ring_note = ""  # how the ring was made (pinned, pageable, cut short), kept after close
         self._lock = threading.Lock()
@@ -1090,7 +1108,10 @@ class Pipeline:
         out_flat = out.view(-1)
         out_bytes = out_flat.view(torch.uint8) if not convert else None
         room = self.chunk - (2 * ALIGN if file.io == "direct" else 0)  # a direct read widens to block boundaries
-        step = max(size, room // size * size)
+        # a tensor goes in at least `pieces` chunks (down to chunk / 16), so that the few tensors transformers asks
+        # for at once keep every reader thread busy
+        want = max(self.chunk // 16, -(-info.nbytes // self.pieces))
+        step = max(size, min(room, want) // size * size)
         bounds = [(lo, min(lo + step, info.nbytes)) for lo in range(0, info.nbytes, step)]
         events: list[Any] = [None] * len(bounds)
         after = backend.mark()  # side streams write `out` only after its allocation on the caller's stream
