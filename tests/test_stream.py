@@ -19,6 +19,7 @@ import torch
 from equivalence import assert_same_model
 from models import example_inputs, model_class
 from safetensors.torch import save_file
+from specials import load_specials, special_values
 
 import hf_fastload
 from hf_fastload import compat, engine, stream
@@ -284,54 +285,11 @@ def test_staging_is_allocated_on_the_side_stream_once_per_thread(tmp_path, small
 
 
 # -- conversions with the CPU's bits ----------------------------------------------------------------------------------
-def _f32(bits):
-    return torch.tensor([b - (1 << 32) if b >= 1 << 31 else b for b in bits], dtype=torch.int32).view(torch.float32)
-
-
-def special_values() -> dict[str, torch.Tensor]:
-    """Every 16-bit pattern of bf16 and fp16 (all NaNs, both signs, infinities, subnormals, zeros, extremes), and
-    fp32 values covering the same cases plus rounding ties, overflow to infinity and subnormal results."""
-    g = torch.Generator().manual_seed(7)
-    patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
-    specials = [
-        0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x00800000, 0x80800000,
-        0x00000001, 0x80000001, 0x007FFFFF, 0x807FFFFF, 0x3F808000, 0x3F818000, 0x3F807FFF, 0x477FF000,
-        0x477FEFFF, 0x33800000, 0x33000000, 0x33C00000, 0x387FC000,  # fp16: 65520 -> inf, 2^-24, ties, subnormals
-        0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FC12345, 0x7FA00000,
-        0xFFBFFFFF, 0x7F810000, 0x7FBFE000, 0x7F802000, 0xFF800100,  # NaNs: quiet, signalling, payloads
-    ]  # fmt: skip
-    nan_payloads = torch.randint(1, 1 << 23, (3000,), generator=g, dtype=torch.int32) | 0x7F800000
-    nan_payloads[::2] |= -(1 << 31)
-    numbers = torch.randn(4000, generator=g) * torch.logspace(-45, 38, 4000).clamp(max=3e38)
-    fp32 = torch.cat([_f32(specials), nan_payloads.view(torch.float32), numbers, -numbers])
-    return {"bf16": patterns.view(torch.bfloat16), "fp16": patterns.clone().view(torch.float16), "fp32": fp32}
-
-
-DIRECTIONS = [
-    ("fp32", torch.bfloat16), ("fp32", torch.float16), ("bf16", torch.float32), ("fp16", torch.float32),
-    ("bf16", torch.float16), ("fp16", torch.bfloat16),
-]  # fmt: skip
-
-
-def _load_specials(tmp_path, device):
-    values = special_values()
-    save_file(values, str(tmp_path / "s.safetensors"))
-    ctx = LoadContext(io="pread", threads=4)
-    f = ctx.open(tmp_path / "s.safetensors")
-    try:
-        for name, dtype in DIRECTIONS:
-            out = ctx.materialize(f.get_slice(name), device, dtype)
-            want = values[name].to(dtype)  # stock: a blocking .to() converts on the CPU
-            assert out.dtype == dtype and torch.equal(_bits(out.cpu()), _bits(want)), f"{name} -> {dtype}"
-    finally:
-        ctx.close()
-
-
 def test_device_conversions_equal_the_cpus_bit_for_bit(tmp_path, small_ring):
     """NaNs (many payloads, both signs), infinities, subnormals, zeros and extremes in every direction between
     fp32, bf16 and fp16, converted on a device that canonicalizes NaNs as CUDA does: the CPU's bits come out."""
     with stream.standin(stream.StandInBackend(delay=0.0002)):
-        _load_specials(tmp_path, "cpu")
+        load_specials(str(tmp_path), "cpu")
 
 
 def test_the_standin_converts_nans_as_cuda_does():
@@ -350,7 +308,7 @@ def test_the_standin_converts_nans_as_cuda_does():
 @pytest.mark.cuda
 @CUDA
 def test_cuda_conversions_equal_the_cpus_bit_for_bit(tmp_path, small_ring):
-    _load_specials(tmp_path, "cuda")
+    load_specials(str(tmp_path), "cuda")
 
 
 # -- the ring ---------------------------------------------------------------------------------------------------------
