@@ -95,10 +95,10 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 # 2. the checkpoints, in the background while the correctness checks run
 if [ "$DRY" = 1 ]; then
   BF16=${HF_FASTLOAD_BENCH_CKPT:-/tmp/hf_fastload-dry-llama-bf16}; FP32=/tmp/hf_fastload-dry-llama-fp32
-  BF16_PARAMS=1e8; FP32_PARAMS=5e7; DEVICE=cpu; SWEEP="--threads 4,8 --ring 128,256 --chunk 4,16"
+  BF16_PARAMS=1e8; FP32_PARAMS=5e7; DEVICE=cpu; SWEEP="--threads 4,8 --ring 128,256 --chunk 4,16"; RUNS=1
 else
   BF16=${HF_FASTLOAD_BENCH_CKPT:-/tmp/hf_fastload-llama-8b-bf16}; FP32=/tmp/hf_fastload-llama-2b-fp32
-  BF16_PARAMS=8e9; FP32_PARAMS=2e9; DEVICE=cuda; SWEEP=""
+  BF16_PARAMS=8e9; FP32_PARAMS=2e9; DEVICE=cuda; SWEEP=""; RUNS=3
 fi
 write_ckpt() {  # folder params dtype
   [ -f "$1/config.json" ] && return 0
@@ -131,8 +131,8 @@ wait $PID_BF16; wait $PID_FP32
 echo "=== checkpoints written in $(( $(date +%s) - T_WRITE ))s (in the background): bf16 rc $(cat "$WLOG/write-bf16.rc"), fp32 rc $(cat "$WLOG/write-fp32.rc")"
 tail -n 2 "$WLOG/write-bf16.log" "$WLOG/write-fp32.log"
 if [ "$(cat "$WLOG/write-bf16.rc")" != 0 ]; then echo "the bf16 checkpoint could not be written"; FAILED=1; fi
-step "stock vs fast vs floor, bf16" 130 "$PY" -m hf_fastload.cli bench "$BF16" --device "$DEVICE" --dtype bfloat16 \
-  --runs 3 --checksums --timeout 60 --json "$RESULTS/gpu-bench-bf16.json" || FAILED=1
+step "stock vs fast vs floor, bf16" 150 "$PY" -m hf_fastload.cli bench "$BF16" --device "$DEVICE" --dtype bfloat16 \
+  --runs "$RUNS" --checksums --timeout 60 --json "$RESULTS/gpu-bench-bf16.json" || FAILED=1
 
 # 5. the sweep and the conversions, until the time is up
 CASTS=""; [ "$(cat "$WLOG/write-fp32.rc")" = 0 ] && CASTS="--casts $FP32"

@@ -108,9 +108,12 @@ def main(argv=None) -> int:
     check("conversions: NaNs, infinities, subnormals, zeros, extremes; fp32<->bf16<->fp16",
           lambda: load_specials(tmp, device))  # fmt: skip
     for stored, path in ckpts.items():
-        for want in ([None, *dtypes] if not args.quick else [None, "fp32" if stored != "fp32" else "bf16"]):
+        for want in [None, *dtypes] if not args.quick else [None, "fp32" if stored != "fp32" else "bf16"]:
             kwargs = dict(where, **({"dtype": dtypes[want]} if want else {}))
-            check(f"llama stored {stored}, loaded as {want or 'stored'}, multi-chunk", lambda p=path, k=kwargs: same(p, **k))
+            check(
+                f"llama stored {stored}, loaded as {want or 'stored'}, multi-chunk",
+                lambda p=path, k=kwargs: same(p, **k),
+            )
     sharded = medium_llama(os.path.join(tmp, "sharded"), torch.bfloat16, sharded=True)
     check("sharded bf16 checkpoint, loaded as fp32", lambda: same(sharded, dtype=torch.float32, **where))
 

@@ -59,8 +59,8 @@ def main(argv=None) -> int:
                        f"{'yes' if fast_gbps / h2d >= 0.85 else 'no'} |")  # fmt: skip
         if "checksums" in s:
             k = s["checksums"]
-            out.append(f"| per-tensor checksums equal to stock's | {'all ' + str(k['tensors']) if k['equal'] else k['differ']} "
-                       f"| {'yes' if k['equal'] else 'NO'} |")  # fmt: skip
+            seen = f"all {k['tensors']}" if k["equal"] else ", ".join(k["differ"])
+            out.append(f"| per-tensor checksums equal to stock's | {seen} | {'yes' if k['equal'] else 'NO'} |")
 
     sweep = _load(folder, "gpu-sweep.json")
     if sweep is not None:

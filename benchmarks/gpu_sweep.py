@@ -134,7 +134,9 @@ def main(argv=None) -> int:
                 rec.update(case=name, round=k)
                 result["casts"].append(rec)
                 save()
-                print(f"{name} {mode}: " + (f"{rec['seconds']:.3f}s" if "seconds" in rec else rec["error"]), flush=True)
+                print(
+                    f"{name} {mode}: " + (f"{rec['seconds']:.3f}s" if "seconds" in rec else rec["error"]), flush=True
+                )
     result["summary"] = summarize(result)
     result["seconds"] = time.monotonic() - t0
     save()
@@ -149,9 +151,7 @@ def summarize(result: dict) -> dict:
     for r in result["casts"]:
         if "seconds" in r:
             casts.setdefault(r["case"], {}).setdefault(r["mode"], []).append(r["seconds"])
-    cast_rows = {
-        case: {mode: statistics.median(v) for mode, v in modes.items()} for case, modes in casts.items()
-    }
+    cast_rows = {case: {mode: statistics.median(v) for mode, v in modes.items()} for case, modes in casts.items()}
     for row in cast_rows.values():
         if "stock" in row and "fast" in row:
             row["stock_over_fast"] = row["stock"] / row["fast"]
@@ -159,8 +159,11 @@ def summarize(result: dict) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"sweep on {result['device']}: fast_from_pretrained(device_map='cuda', dtype=bf16), one load each",
-             "| threads | ring MiB | chunk MiB | seconds | GB/s | read phase GB/s |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"sweep on {result['device']}: fast_from_pretrained(device_map='cuda', dtype=bf16), one load each",
+        "| threads | ring MiB | chunk MiB | seconds | GB/s | read phase GB/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in result["sweep"]:
         if "seconds" in r:
             lines.append(f"| {r['threads']} | {r['ring_mb']} | {r['chunk_mb']} | {r['seconds']:.3f} | "

@@ -120,9 +120,13 @@ def run_once(path, names, nbytes, *, scale, slow, read_gbps, copy_gbps, threads,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=int, default=256, help="sizes divided by this (default 256)")
-    parser.add_argument("--slow", type=float, default=10.0,
-                        help="time runs this many times slower than on the GPU machine (default 10): per-chunk CPU "
-                             "costs shrink by as much, so a busy CPU does not decide the result")
+    parser.add_argument(
+        "--slow",
+        type=float,
+        default=10.0,
+        help="time runs this many times slower than on the GPU machine (default 10): per-chunk CPU "
+        "costs shrink by as much, so a busy CPU does not decide the result",
+    )
     parser.add_argument("--quick", action="store_true", help="the defaults only (no sweep)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of the defaults per ratio (median)")
     parser.add_argument("--defaults", default="8,256,16", help="threads,ring MiB,chunk MiB to repeat")
@@ -147,7 +151,8 @@ def main(argv=None) -> int:
     result = {
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "date": datetime.datetime.now().isoformat(timespec="seconds")},
-        "model": {"scale": args.scale, "slow": args.slow, "bytes": nbytes, "real_bytes": nbytes * args.scale, "tensors": len(names),
+        "model": {"scale": args.scale, "slow": args.slow, "bytes": nbytes, "real_bytes": nbytes * args.scale,
+                  "tensors": len(names),
                   "copy_gbps": REAL_COPY_GBPS, "thread_read_gbps": REAL_THREAD_READ_GBPS,
                   "copy_latency_s": COPY_LATENCY_S, "loader_threads": LOADER_THREADS},
         "defaults": {"threads": threads, "ring_mb": ring_mb, "chunk_mb": chunk_mb},
@@ -167,8 +172,11 @@ def main(argv=None) -> int:
                             rec = run_once(path, names, nbytes, threads=t, ring_mb=r, chunk_mb=c, **common)
                             rec["ratio"] = label
                             result["sweep"].append(rec)
-                            print(f"{label:>13}  threads {t:>2}  ring {r:>4} MiB  chunk {c:>2} MiB  "
-                                  f"{rec['achieved_gbps']:5.1f} GB/s = {rec['of_ideal']:.2f} of ideal", flush=True)
+                            print(
+                                f"{label:>13}  threads {t:>2}  ring {r:>4} MiB  chunk {c:>2} MiB  "
+                                f"{rec['achieved_gbps']:5.1f} GB/s = {rec['of_ideal']:.2f} of ideal",
+                                flush=True,
+                            )
             for dtype in ("bfloat16", "float32"):
                 for k in range(args.repeats):
                     rec = run_once(path, names, nbytes, threads=threads, ring_mb=ring_mb, chunk_mb=chunk_mb,
@@ -219,8 +227,10 @@ def table(result: dict) -> str:
         same, cast = by.get((label, "bfloat16")), by.get((label, "float32"))
         if same is None:
             continue
-        row = (f"| {label} | {same['read_gbps']:.0f} | {same['copy_gbps']:.0f} | {same['no_overlap_gbps']:.1f} | "
-               f"{same['ideal_gbps']:.1f} | {same['achieved_gbps_median']:.1f} | {same['of_ideal']:.2f} |")
+        row = (
+            f"| {label} | {same['read_gbps']:.0f} | {same['copy_gbps']:.0f} | {same['no_overlap_gbps']:.1f} | "
+            f"{same['ideal_gbps']:.1f} | {same['achieved_gbps_median']:.1f} | {same['of_ideal']:.2f} |"
+        )
         row += f" {cast['achieved_gbps_median']:.1f} | {cast['of_ideal']:.2f} |" if cast else " - | - |"
         lines.append(row)
     if result["sweep"]:
@@ -255,8 +265,13 @@ def plot(result: dict, out: str) -> None:
                 for i, t in enumerate(THREADS):
                     rec = recs.get((t, ring, c))
                     if rec:
-                        ax.bar(x + i * 0.27, rec["of_ideal"], 0.27, color=colors[t],
-                               label=f"{t} threads" if (c, ring) == (CHUNK_MB[0], RING_MB[0]) else None)
+                        ax.bar(
+                            x + i * 0.27,
+                            rec["of_ideal"],
+                            0.27,
+                            color=colors[t],
+                            label=f"{t} threads" if (c, ring) == (CHUNK_MB[0], RING_MB[0]) else None,
+                        )
                 ticks.append(x + 0.27)
                 labels.append(f"{ring}\n{c} MiB" if ring == RING_MB[1] else f"{ring}")
                 x += 1

@@ -320,16 +320,16 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append("  WARNING: the fast mode fell back to stock loading; see runs[].report.reason in --json")
     if s.get("floor", {}).get("h2d_gb_per_s_median"):
         f = s["floor"]
+        copy = c["tensor_bytes"] / f["h2d_gb_per_s_median"] / 1e9
         lines.append(
-            f"  pinned host-to-device: {f['h2d_gb_per_s_median']:.1f} GB/s; floor = max(read {f['read_seconds_median']:.3f}s, "
-            f"copy {c['tensor_bytes'] / f['h2d_gb_per_s_median'] / 1e9:.3f}s); no overlap: {f['serial_seconds_median']:.3f}s"
+            f"  pinned host-to-device: {f['h2d_gb_per_s_median']:.1f} GB/s; floor = max(read "
+            f"{f['read_seconds_median']:.3f}s, copy {copy:.3f}s); no overlap: {f['serial_seconds_median']:.3f}s"
         )
     if "checksums" in s:
         k = s["checksums"]
-        lines.append(
-            f"  per-tensor checksums, fast vs stock: {'all equal' if k['equal'] else 'DIFFER: ' + ', '.join(k['differ'])}"
-            f" ({k['tensors']} tensors, {k['fast_runs']} fast run(s))"
-        )
+        seen = "all equal" if k["equal"] else "DIFFER: " + ", ".join(k["differ"])
+        runs = f"{k['tensors']} tensors, {k['fast_runs']} fast run(s)"
+        lines.append(f"  per-tensor checksums, fast vs stock: {seen} ({runs})")
     notes = sorted({n for r in result["runs"] for n in r.get("notes", [])})
     lines += [f"  note: {n}" for n in notes]
     return "\n".join(lines)
@@ -512,7 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--json", dest="json_path", metavar="OUT.json", help="write raw runs, summary and machine info")
     b.add_argument("--plot", dest="plot_path", metavar="OUT.png", help="write a bar chart (needs matplotlib)")
     b.add_argument("--forward", action="store_true", help="also time one forward pass over 8 tokens")
-    b.add_argument("--checksums", action="store_true", help="compare per-tensor checksums of fast's model with stock's")
+    b.add_argument(
+        "--checksums", action="store_true", help="compare per-tensor checksums of fast's model with stock's"
+    )
     b.add_argument("--timeout", type=float, default=None, help="seconds each worker process may take")
     d = sub.add_parser("demo", help="build a small bf16 Llama once and bench loading it as float32")
     d.add_argument("--params", type=float, default=1.5e8, help="parameters of the demo model (default 1.5e8)")

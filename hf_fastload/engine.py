@@ -252,7 +252,7 @@ class LoadContext:
         if backend is not None:
             budget, chunk = stream.pinned_budget(), stream.chunk_bytes()
             pool = _chunk_pool(self.threads)
-            pipe = stream.Pipeline(backend, pool.submit, self.threads, budget, self.failed, chunk=chunk)
+            pipe = stream.Pipeline(backend, pool.submit, self.threads, budget, self._stopping, chunk=chunk)
         with self.lock:
             return self.pipelines.setdefault(key, pipe)
 
@@ -348,6 +348,10 @@ class LoadContext:
     def failed(self) -> bool:
         """True once any tensor of this load failed (chunks still queued for the load then stop early)."""
         return bool(self.errors)
+
+    def _stopping(self) -> bool:
+        """True once the load failed or ended: chunks still queued for it (a prefetch nobody will take) stop."""
+        return bool(self.errors) or self.closed
 
     def fail(self, error: BaseException) -> None:
         with self.lock:

@@ -234,7 +234,7 @@ class CastRule:
         torch.where(nan, fixed, out_bits, out=out_bits)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cast_rule(src: torch.dtype, dst: torch.dtype) -> CastRule:
     """The process's :class:`CastRule` for ``src`` -> ``dst`` (both among float32, bfloat16, float16)."""
     if src not in _FLOATS or dst not in _FLOATS or src == dst:
@@ -758,7 +758,9 @@ class StandInBackend(Backend):
         with self.lock:
             event.stream.synced = max(event.stream.synced, event.pos)
         if event.error is not None:
-            raise RuntimeError(f"stand-in device: an earlier copy on this stream failed: {event.error}") from event.error
+            raise RuntimeError(
+                f"stand-in device: an earlier copy on this stream failed: {event.error}"
+            ) from event.error
 
     def drain(self, stream: Any) -> None:
         event = _Event(stream, stream.clock, done=False)

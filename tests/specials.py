@@ -85,5 +85,3 @@ def load_specials(folder: str, device: str) -> str:
         return f"{len(DIRECTIONS)} directions, {sum(v.numel() for v in values.values())} values, methods {ctx.methods}"
     finally:
         ctx.close()
-
-

@@ -339,7 +339,7 @@ def test_ring_is_allocated_in_the_background_slot_by_slot(tmp_path, monkeypatch)
                 time.sleep(0.1)
             return super().host_buffer(nbytes)
 
-    with stream.standin(SlowPinned()) as dev:
+    with stream.standin(SlowPinned()):
         ctx = LoadContext(io="pread", threads=2)
         out = ctx.materialize(ctx.open(tmp_path / "t.safetensors").get_slice("t"), "cpu", None)
         ring = ctx.pipelines["cpu"].ring
@@ -468,7 +468,7 @@ def test_cuda_backend_call_sequence(tmp_path, small_ring, monkeypatch, fake_cuda
 
 
 def test_cuda_and_cuda0_share_one_pipeline_and_no_extra_copy(tmp_path, small_ring, monkeypatch, fake_cuda):
-    """"cuda" and "cuda:0" in one load are one device: one pipeline; the tensor it makes is final (no ``.to()``
+    """ "cuda" and "cuda:0" in one load are one device: one pipeline; the tensor it makes is final (no ``.to()``
     after it, which on this CPU-only torch would fail), and the report says ``stream(cuda)``."""
     backend = CpuCuda(torch.device("cuda", 0))
     tensors = {"a": torch.randn(100), "b": torch.randn(100)}
