@@ -11,7 +11,9 @@ signs), infinities, subnormals, zeros and extremes; a Llama checkpoint stored in
 each of them and as stored, every tensor in several chunks (a 1 MiB ring); sharded files; ``HF_FASTLOAD_IO=direct``;
 a ``device_map`` over ``cuda:0`` and ``cuda:1`` when there are two GPUs (else ``"cuda"``, ``"cuda:0"`` and ``0``
 mixed on one). Without CUDA every check runs on the stand-in device instead (a dry run of this script).
-A failed check is reported and the others still run; the exit status is 1 if any failed.
+A failed check is reported and the others still run; the exit status is 1 if any failed. A check whose stock load
+fails (nothing to compare) is reported as skipped. ``--quick`` (for the sanitizer, which slows every kernel launch):
+the conversions, bf16 as stored and as fp32, fp32 as bf16, direct I/O, the device map.
 """
 
 from __future__ import annotations
@@ -77,16 +79,26 @@ def main(argv=None) -> int:
             with place():
                 note = fn()
             status = "pass"
+        except StockRefuses as e:
+            status, note = "skip", str(e)
         except Exception as e:  # noqa: BLE001 - every check runs; failures are reported
             status, note = "FAIL", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
         seconds = time.perf_counter() - start
         results["checks"].append({"check": name, "status": status, "seconds": round(seconds, 3), "note": note})
         print(f"{status:4}  {seconds:6.2f}s  {name}" + (f"\n{note}" if status != "pass" else ""), flush=True)
 
+    quick = args.quick
+
+    class StockRefuses(Exception):
+        """Stock from_pretrained itself failed: nothing to compare (reported, not a failure of hf_fastload)."""
+
     def same(path, **kwargs):
         cls = transformers.LlamaForCausalLM
         torch.manual_seed(1234)
-        stock, stock_info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+        try:
+            stock, stock_info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+        except Exception as e:
+            raise StockRefuses(f"stock from_pretrained({kwargs}) failed: {type(e).__name__}: {e}"[:400]) from e
         torch.manual_seed(1234)
         fast, fast_info = hf_fastload.fast_from_pretrained(path, model_class=cls, output_loading_info=True, **kwargs)
         assert_same_model(stock, fast, stock_info, fast_info)
@@ -107,15 +119,18 @@ def main(argv=None) -> int:
 
     check("conversions: NaNs, infinities, subnormals, zeros, extremes; fp32<->bf16<->fp16",
           lambda: load_specials(tmp, device))  # fmt: skip
-    for stored, path in ckpts.items():
-        for want in [None, *dtypes] if not args.quick else [None, "fp32" if stored != "fp32" else "bf16"]:
+    plan = {s: [None, *dtypes] for s in ckpts} if not quick else {"bf16": [None, "fp32"], "fp32": ["bf16"]}
+    for stored, wants in plan.items():
+        path = ckpts[stored]
+        for want in wants:
             kwargs = dict(where, **({"dtype": dtypes[want]} if want else {}))
             check(
                 f"llama stored {stored}, loaded as {want or 'stored'}, multi-chunk",
                 lambda p=path, k=kwargs: same(p, **k),
             )
-    sharded = medium_llama(os.path.join(tmp, "sharded"), torch.bfloat16, sharded=True)
-    check("sharded bf16 checkpoint, loaded as fp32", lambda: same(sharded, dtype=torch.float32, **where))
+    if not quick:
+        sharded = medium_llama(os.path.join(tmp, "sharded"), torch.bfloat16, sharded=True)
+        check("sharded bf16 checkpoint, loaded as fp32", lambda: same(sharded, dtype=torch.float32, **where))
 
     def direct(**kwargs):
         os.environ["HF_FASTLOAD_IO"] = "direct"
@@ -124,7 +139,8 @@ def main(argv=None) -> int:
         finally:
             del os.environ["HF_FASTLOAD_IO"]
 
-    check("HF_FASTLOAD_IO=direct, bf16 as stored", direct)
+    if not quick:
+        check("HF_FASTLOAD_IO=direct, bf16 as stored", direct)
     check("HF_FASTLOAD_IO=direct, bf16 -> fp32", lambda: direct(dtype=torch.float32))
 
     if cuda:
@@ -134,9 +150,13 @@ def main(argv=None) -> int:
         label = "cuda:0 and cuda:1" if second == "cuda:1" else '"cuda", "cuda:0" and 0 on one GPU'
         check(f"device_map over {label}, bf16 -> fp32", lambda: same(ckpts["bf16"], device_map=device_map,
                                                                      dtype=torch.float32))  # fmt: skip
-    failed = [c for c in results["checks"] if c["status"] != "pass"]
-    results["passed"], results["failed"] = len(results["checks"]) - len(failed), len(failed)
-    print(f"{results['passed']} passed, {results['failed']} failed" + ("" if cuda else " (stand-in device: no CUDA)"))
+    failed = [c for c in results["checks"] if c["status"] == "FAIL"]
+    results["passed"] = sum(c["status"] == "pass" for c in results["checks"])
+    results["failed"], results["skipped"] = len(failed), sum(c["status"] == "skip" for c in results["checks"])
+    print(
+        f"{results['passed']} passed, {results['failed']} failed, {results['skipped']} skipped (stock refused)"
+        + ("" if cuda else " (stand-in device: no CUDA)")
+    )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=1)

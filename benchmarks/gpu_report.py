@@ -34,8 +34,9 @@ def main(argv=None) -> int:
         data = _load(folder, name)
         if data is None:
             continue
-        out += ["", f"## {label}: {data['passed']} passed, {data['failed']} failed ({data['device']}, torch "
-                f"{data['torch']}, transformers {data['transformers']})", ""]  # fmt: skip
+        counts = f"{data['passed']} passed, {data['failed']} failed, {data.get('skipped', 0)} skipped"
+        where = f"{data['device']}, torch {data['torch']}, transformers {data['transformers']}"
+        out += ["", f"## {label}: {counts} ({where})", ""]
         out += [f"- {c['status']} {c['check']} ({c['seconds']}s)" for c in data["checks"]]
 
     bench = _load(folder, "gpu-bench-bf16.json")

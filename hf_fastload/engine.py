@@ -176,6 +176,7 @@ class LoadContext:
                 return
             self._order.append(key)
             self._planned[key] = (ts, device, dtype)
+        self.streams(device, ts.file)  # a device's pipeline, and its ring's allocation, start with its first plan
 
     def prefetch(self) -> None:
         """Starts materializing the next planned tensors in the background, in plan order, while the caller works

@@ -978,7 +978,7 @@ class Pipeline:
         self.slot_bytes, self.nslots = ring_shape(threads, budget, chunk)
         self.chunk = self.slot_bytes
         self.pieces = max(1, -(-threads // TENSORS_AT_ONCE))
-        self.ring: Ring | None = None
+        self.ring: Ring | None = backend.take_ring(self.slot_bytes, self.nslots)  # allocated in the background from now
         self.ring_note = ""  # how the ring was made (pinned, pageable, cut short), kept after close
         self._lock = threading.Lock()
         self._staging: dict[int, torch.Tensor] = {}  # reader thread -> its device staging buffer
@@ -1001,8 +1001,6 @@ class Pipeline:
         with self._lock:
             if self.closed:
                 raise LoadAborted("the load already finished; its device pipeline is closed")
-            if self.ring is None:
-                self.ring = self.backend.take_ring(self.slot_bytes, self.nslots)
             return self.ring
 
     def _stop(self) -> BaseException | None:

@@ -213,22 +213,28 @@ def test_failed_event_record_still_waits_before_the_tensor_is_dropped(tmp_path, 
         ctx.close()
 
 
-def test_pinned_budget_and_chunk_knobs(monkeypatch):
+def test_pinned_budget_and_chunk_knobs(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_FASTLOAD_PINNED_MB", "lots")
     with pytest.raises(FastLoadError, match="HF_FASTLOAD_PINNED_MB"):
         stream.pinned_budget()
     monkeypatch.setenv("HF_FASTLOAD_PINNED_MB", "64")
     assert stream.pinned_budget() == 64 << 20
-    pipe = stream.Pipeline(stream.HostBackend(torch.device("cpu")), None, threads=8, budget=64 << 20)
-    assert pipe.chunk == 4 << 20 and pipe.nslots == 16, "two slots per reader thread by default"
+    assert stream.ring_shape(8, 64 << 20, None) == (4 << 20, 16), "two slots per reader thread by default"
     monkeypatch.setenv("HF_FASTLOAD_CHUNK_MB", "0")
     with pytest.raises(FastLoadError, match="HF_FASTLOAD_CHUNK_MB"):
         stream.chunk_bytes()
     monkeypatch.setenv("HF_FASTLOAD_CHUNK_MB", "32")
-    pipe = stream.Pipeline(stream.HostBackend(torch.device("cpu")), None, 8, 64 << 20, chunk=stream.chunk_bytes())
-    assert (pipe.chunk, pipe.nslots) == (32 << 20, 2), "an explicit chunk size is kept; the ring has two slots"
-    pipe = stream.Pipeline(stream.HostBackend(torch.device("cpu")), None, 8, 256 << 20, chunk=24 << 20)
-    assert pipe.chunk == 16 << 20, "slots are powers of two (torch's pinned allocator rounds up to one)"
+    assert stream.ring_shape(8, 64 << 20, stream.chunk_bytes()) == (32 << 20, 2), "an explicit chunk size is kept"
+    assert stream.ring_shape(8, 256 << 20, 24 << 20)[0] == 16 << 20, "slots are powers of two (as pinned blocks)"
+    monkeypatch.setenv("HF_FASTLOAD_PINNED_MB", "4")
+    monkeypatch.setenv("HF_FASTLOAD_CHUNK_MB", "1")
+    save_file({"t": torch.randn(1000)}, str(tmp_path / "t.safetensors"))
+    with stream.standin(stream.StandInBackend()):
+        ctx = LoadContext(io="pread", threads=8)
+        ctx.materialize(ctx.open(tmp_path / "t.safetensors").get_slice("t"), "cpu", None)
+        pipe = ctx.pipelines["cpu"]
+        ctx.close()
+    assert (pipe.chunk, pipe.nslots) == (1 << 20, 4), "the knobs reach the load's pipeline"
 
 
 # -- the caching allocator's stream rule ------------------------------------------------------------------------------
