@@ -41,9 +41,9 @@ CHUNK_BYTES = 8 << 20
 PREFETCH_BYTES = 512 << 20  # target bytes materialized ahead of what transformers asked for (LoadContext.prefetch)
 PREFETCH_THREADS = 8  # tensors materialized at once ahead of it
 READAHEAD_CHUNK = 32 << 20
-_PLANNED = object()  # LoadContext.take(): the target the tensor was planned with
 READAHEAD_THREADS = 8
 IO_MODES = ("auto", "mmap", "pread", "direct")
+_PLANNED = object()  # LoadContext.take(): the target the tensor was planned with
 
 
 def settings() -> dict[str, Any]:
