@@ -128,7 +128,7 @@ fi
 
 # 4. stock vs fast vs floor, 16 GB bf16
 wait $PID_BF16; wait $PID_FP32
-echo "=== checkpoints written in $(( $(date +%s) - T_WRITE ))s (in the background): bf16 rc $(cat "$WLOG/write-bf16.rc"), fp32 rc $(cat "$WLOG/write-fp32.rc")"
+echo "=== checkpoints ready $(( $(date +%s) - T_WRITE ))s after their writers started (in the background): bf16 rc $(cat "$WLOG/write-bf16.rc"), fp32 rc $(cat "$WLOG/write-fp32.rc")"
 tail -n 2 "$WLOG/write-bf16.log" "$WLOG/write-fp32.log"
 if [ "$(cat "$WLOG/write-bf16.rc")" != 0 ]; then echo "the bf16 checkpoint could not be written"; FAILED=1; fi
 step "stock vs fast vs floor, bf16" 150 "$PY" -m hf_fastload.cli bench "$BF16" --device "$DEVICE" --dtype bfloat16 \
