@@ -25,12 +25,12 @@ LLAMA = transformers.LlamaForCausalLM
 def _spy(monkeypatch) -> list[tuple]:
     """Records, in order, every prefetch (with its paths), every file the load opens, and every readahead call."""
     events: list[tuple] = []
-    prefetch, open_file, advise = LoadContext.prefetch, LoadContext.open, os.posix_fadvise
+    read_ahead, open_file, advise = LoadContext.read_ahead, LoadContext.open, os.posix_fadvise
 
-    def spy_prefetch(self, paths):
+    def spy_read_ahead(self, paths):
         paths = list(paths)
         events.append(("prefetch", sorted(os.path.realpath(p) for p in paths)))
-        return prefetch(self, paths)
+        return read_ahead(self, paths)
 
     def spy_open(self, path, device="cpu"):
         events.append(("open", os.path.realpath(path)))
@@ -40,7 +40,7 @@ def _spy(monkeypatch) -> list[tuple]:
         events.append(("advise", os.path.realpath(f"/proc/self/fd/{fd}"), offset))
         return advise(fd, offset, length, advice)
 
-    monkeypatch.setattr(LoadContext, "prefetch", spy_prefetch)
+    monkeypatch.setattr(LoadContext, "read_ahead", spy_read_ahead)
     monkeypatch.setattr(LoadContext, "open", spy_open)
     monkeypatch.setattr(os, "posix_fadvise", spy_advise)
     return events

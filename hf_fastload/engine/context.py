@@ -23,6 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -36,8 +37,11 @@ from .pools import chunk_pool, get_pool
 
 __all__ = ["LoadContext", "choose_io"]
 
+PREFETCH_BYTES = 512 << 20  # target bytes materialized ahead of what transformers asked for (LoadContext.prefetch)
+PREFETCH_THREADS = 8  # tensors materialized at once ahead of it
 READAHEAD_CHUNK = 32 << 20
 READAHEAD_THREADS = 8
+_PLANNED = object()  # LoadContext.take(): the target the tensor was planned with
 
 
 class LoadContext:
@@ -68,8 +72,15 @@ class LoadContext:
         self.last: float | None = None
         self.errors: list[BaseException] = []
         self.readahead_bytes = 0
-        self._planned: dict[tuple[str, str], tuple[Any, torch.dtype | None]] = {}
-        self.pipelines: dict[str, Any] = {}  # device -> stream.Pipeline, made on its first tensor
+        self._planned: dict[tuple[str, str], tuple[TensorSlice, Any, torch.dtype | None]] = {}
+        self._order: list[tuple[str, str]] = []  # planned tensors in the order the loop will take them
+        self._next = 0  # the first planned tensor not yet prefetched
+        self._prefetched: dict[tuple[str, str], tuple[Future, int]] = {}  # key -> (materializing, target bytes)
+        self.prefetch_bytes = 0  # target bytes prefetched and not yet taken
+        self.prefetch_window = PREFETCH_BYTES
+        self.prefetched = 0  # tensors that were prefetched, and the most target bytes ahead at once
+        self.peak_prefetch_bytes = 0
+        self.pipelines: dict[str, Any] = {}  # resolved device -> stream.Pipeline, made on its first tensor
         self.closed = False  # set by close(): a task still running for a failed load opens nothing more
         self.active = 0  # tensors being materialized now; close() waits for them
         self._idle = threading.Condition(self.lock)
@@ -101,7 +112,7 @@ class LoadContext:
             self._readahead(handle.path, lambda: (os.dup(handle._fd()), handle.size))
         return handle
 
-    def prefetch(self, paths: Iterable[str]) -> None:
+    def read_ahead(self, paths: Iterable[str]) -> None:
         """Starts the kernel readahead of ``paths`` now, before the load opens them.
 
         Called at the entry of a load, with the files its folder or index names: transformers then imports the
@@ -166,20 +177,85 @@ class LoadContext:
         return materialize(ts, device, dtype)
 
     def plan(self, ts: TensorSlice, device: Any = None, dtype: torch.dtype | None = None) -> None:
-        """Records where ``ts`` goes; the next ``ts[...]`` returns it on that device in that dtype (4.57's hook)."""
+        """Records where ``ts`` goes: the next ``ts[...]`` (4.57) or ``take(ts, device, dtype)`` (5.x) returns it on
+        that device in that dtype. Tensors are expected to be taken in the order they were planned (see
+        :meth:`prefetch`); a tensor planned twice is not planned (each request then materializes it)."""
+        key = (ts.file.path, ts.info.name)
         with self.lock:
-            self._planned[(ts.file.path, ts.info.name)] = (device, dtype)
+            if self.closed:
+                return
+            if key in self._planned:
+                self._planned[key] = None
+                self._prefetched.pop(key, None)  # a prefetch already running is dropped (close awaits it)
+                return
+            self._order.append(key)
+            self._planned[key] = (ts, device, dtype)
+        self.streams(device, ts.file)  # a device's pipeline, and its ring's allocation, start with its first plan
 
-    def take(self, ts: TensorSlice) -> torch.Tensor | None:
-        """The planned tensor for ``ts`` (materialized now), or None when nothing was planned for it."""
+    def prefetch(self) -> None:
+        """Starts materializing the next planned tensors in the background, in plan order, while the caller works
+        (4.57's loop takes one tensor at a time and does its own work between them).
+
+        At most ``prefetch_window`` target bytes are materialized ahead of the loop (at least one tensor), on
+        ``PREFETCH_THREADS`` threads; each tensor streams with all reader threads as usual. A prefetched tensor's
+        error is raised when the loop takes it, so errors surface in the loop's order, as stock raises them.
+        """
         with self.lock:
-            target = self._planned.pop((ts.file.path, ts.info.name), None)
-        return None if target is None else materialize(ts, *target)
+            while not self.closed and self._next < len(self._order):
+                if self._prefetched and self.prefetch_bytes >= self.prefetch_window:
+                    break
+                key = self._order[self._next]
+                self._next += 1
+                target = self._planned.get(key)
+                if target is None or key in self._prefetched:
+                    continue
+                ts, device, dtype = target
+                nbytes = ts.info.numel * (dtype or ts.info.torch_dtype).itemsize
+                future = get_pool("prefetch", PREFETCH_THREADS).submit(materialize, ts, device, dtype, False)
+                self._prefetched[key] = (future, nbytes)
+                self.prefetch_bytes += nbytes
+                self.prefetched += 1
+                self.peak_prefetch_bytes = max(self.peak_prefetch_bytes, self.prefetch_bytes)
+
+    def take(self, ts: TensorSlice, device: Any = _PLANNED, dtype: Any = _PLANNED) -> torch.Tensor | None:
+        """The planned tensor for ``ts`` (prefetched, or materialized now), or None when nothing was planned for it
+        (or, given ``device`` and ``dtype``, it was planned for another target); then the next planned tensors are
+        prefetched."""
+        key = (ts.file.path, ts.info.name)
+        with self.lock:
+            target = self._planned.get(key)
+            if target is not None and device is not _PLANNED and not _same_target(target, device, dtype):
+                return None
+            self._planned.pop(key, None)
+            ahead = self._prefetched.pop(key, None)
+            if ahead is not None:
+                self.prefetch_bytes -= ahead[1]
+        if target is None:
+            return None
+        try:
+            if ahead is None:
+                return materialize(*target)
+            try:
+                return ahead[0].result()
+            except BaseException as e:
+                self.fail(e)  # recorded now, in the loop's order
+                raise
+        finally:
+            self.prefetch()
+
+    def streams(self, device: Any, file: SafetensorsHandle) -> bool:
+        """Whether tensors of ``file`` going to ``device`` take a device pipeline (whose ring this starts)."""
+        try:
+            target = torch.device(device) if device is not None else torch.device("cpu")
+        except (RuntimeError, TypeError):
+            return False
+        return target.type != "meta" and self.pipeline(target, file) is not None
 
     def pipeline(self, device: torch.device, file: SafetensorsHandle) -> Any:
         """The device pipeline (:mod:`~hf_fastload.engine.stream`) for tensors going to ``device``, or None where
         tensors take the CPU paths (a CPU target without ``HF_FASTLOAD_IO=direct``, or a device type without a
-        backend)."""
+        backend). ``"cuda"`` and ``"cuda:0"`` (the current device) share one pipeline."""
+        device = stream.resolve_device(device)
         key = str(device)
         with self.lock:
             if key in self.pipelines:
@@ -187,8 +263,9 @@ class LoadContext:
         backend = stream.backend_for(device, file.io)
         pipe = None
         if backend is not None:
-            budget = stream.pinned_budget()
-            pipe = stream.Pipeline(backend, chunk_pool(self.threads).submit, self.threads, budget, self.failed)
+            budget, chunk = stream.pinned_budget(), stream.chunk_bytes()
+            pool = chunk_pool(self.threads)
+            pipe = stream.Pipeline(backend, pool.submit, self.threads, budget, self._stopping, chunk=chunk)
         with self.lock:
             return self.pipelines.setdefault(key, pipe)
 
@@ -220,6 +297,11 @@ class LoadContext:
         with self.lock:
             self.closed = True
             self._planned.clear()
+            ahead, self._prefetched = list(self._prefetched.values()), {}
+            self.prefetch_bytes = 0
+        for future, _ in ahead:
+            future.cancel()  # not started: never runs; running: awaited below (it counts as active)
+        with self.lock:
             self._idle.wait_for(lambda: self.active == 0, timeout)
             handles = list(self.files.values())
             pipes = [p for p in self.pipelines.values() if p is not None and not p.closed]
@@ -280,9 +362,25 @@ class LoadContext:
         """True once any tensor of this load failed (chunks still queued for the load then stop early)."""
         return bool(self.errors)
 
+    def _stopping(self) -> bool:
+        """True once the load failed or ended: chunks still queued for it (a prefetch nobody will take) stop."""
+        return bool(self.errors) or self.closed
+
     def fail(self, error: BaseException) -> None:
         with self.lock:
             self.errors.append(error)
+
+
+def _same_target(target: tuple, device: Any, dtype: Any) -> bool:
+    _, planned_device, planned_dtype = target
+
+    def norm(d):
+        return None if d is None else torch.device(d)
+
+    try:
+        return norm(planned_device) == norm(device) and planned_dtype == dtype
+    except (RuntimeError, TypeError):
+        return False
 
 
 def _ended(path: str) -> CheckpointFileError:

@@ -136,7 +136,7 @@ def fast_load(
     try:
         folder = _checkpoint_folder(source, kwargs) if readahead and knobs["readahead"] == "entry" else None
         if folder is not None:  # the disk works while transformers imports the model's code and builds it
-            ctx.prefetch(weight_files(folder))
+            ctx.read_ahead(weight_files(folder))
         cls, config = _resolve_class(model_class, source, kwargs)
         load = entry or cls.from_pretrained
         report.model_class = cls.__name__
