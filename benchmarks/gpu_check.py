@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from specials import load_specials
 
     import hf_fastload
-    from hf_fastload.engine import stream
+    from hf_fastload.engine.standin import StandInBackend, standin
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     os.environ["HF_FASTLOAD_STRICT"] = "1"  # a fallback is a failure here
 
     def place():
-        return contextlib.nullcontext() if cuda else stream.standin(stream.StandInBackend())
+        return contextlib.nullcontext() if cuda else standin(StandInBackend())
 
     def check(name, fn):
         start = time.perf_counter()

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     import transformers
 
     import hf_fastload
-    from hf_fastload.engine import stream
+    from hf_fastload.engine.standin import StandInBackend, standin
     from hf_fastload.tools.bench import _warm_page_cache, checkpoint_files, machine_info
 
     cuda = torch.cuda.is_available()
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
 
     def timed(mode, path, **kwargs) -> dict:
-        place = contextlib.nullcontext() if cuda else stream.standin(stream.StandInBackend())
+        place = contextlib.nullcontext() if cuda else standin(StandInBackend())
         with place:
             sync()
             start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Measures, without a GPU, how well the device pipeline overlaps reading with host-to-device copies.
 
 The pipeline runs for real (reader threads, ring, back-pressure, side streams, device-side conversion) against the
-stand-in device (:class:`~hf_fastload.engine.stream.StandInBackend`), whose copies and reads take simulated time: one
+stand-in device (:class:`~hf_fastload.engine.StandInBackend`), whose copies and reads take simulated time: one
 copy link of ``C`` GB/s shared by all streams plus a per-copy latency, one disk/page cache of ``R`` GB/s shared by the
 reader threads, and a per-thread read cap (a memory copy). Real bytes move too, so every load is also checked bit
 for bit. The sizes are the real ones divided by ``--scale`` and so are the bandwidths: every chunk takes as long as
@@ -68,20 +68,21 @@ def run_once(path, names, nbytes, *, scale, slow, read_gbps, copy_gbps, threads,
     """One load of every tensor through the pipeline with the stand-in device; returns its record."""
     import torch
 
-    from hf_fastload.engine import stream
+    from hf_fastload.engine import ring as ring_knobs
     from hf_fastload.engine.context import LoadContext
+    from hf_fastload.engine.standin import StandInBackend, standin
 
     ring = ring_mb * 2**20 // scale
     chunk = chunk_mb * 2**20 // scale
-    stream.pinned_budget = lambda: ring  # the sizes are scaled below a MiB: set them here, not through the knobs
-    stream.chunk_bytes = lambda: chunk
+    ring_knobs.pinned_budget = lambda: ring  # the sizes are scaled below a MiB: set them here, not through the knobs
+    ring_knobs.chunk_bytes = lambda: chunk
     rate = scale * slow  # bandwidths: sizes are / scale, and time runs `slow` times slower than on the GPU machine
-    dev = stream.StandInBackend(
+    dev = StandInBackend(
         copy_gbps=copy_gbps / rate, copy_latency=COPY_LATENCY_S * slow, read_gbps=read_gbps / rate,
         read_thread_gbps=REAL_THREAD_READ_GBPS / rate,
     )  # fmt: skip
     target = getattr(torch, dtype) if dtype else None
-    with stream.standin(dev):
+    with standin(dev):
         ctx = LoadContext(io="pread", threads=threads)
         f = ctx.open(path)
         start = time.perf_counter()

@@ -22,8 +22,11 @@ from safetensors.torch import save_file
 from specials import load_specials, special_values
 
 import hf_fastload
-from hf_fastload.engine import context, stream
+from hf_fastload.engine import context
+from hf_fastload.engine.backends import Backend, CudaBackend
 from hf_fastload.engine.context import LoadContext
+from hf_fastload.engine.ring import chunk_bytes, pinned_budget, ring_shape
+from hf_fastload.engine.standin import StandInBackend, StreamOrderError, standin
 from hf_fastload.errors import CheckpointFileError, FastLoadError
 from hf_fastload.integration import compat
 
@@ -53,7 +56,7 @@ def _tensors():
 @pytest.fixture
 def small_ring(monkeypatch):
     monkeypatch.setenv("HF_FASTLOAD_PINNED_MB", "1")  # 4 KiB chunks: every tensor of a tiny model goes in several
-    monkeypatch.setattr(stream, "DEFAULT_CHUNK", 4096)
+    monkeypatch.setattr("hf_fastload.engine.ring.DEFAULT_CHUNK", 4096)
 
 
 def _bits(t):
@@ -66,7 +69,7 @@ def test_standin_tensors_bit_identical(tmp_path, small_ring, io, cast):
     tensors = _tensors()
     path = tmp_path / "t.safetensors"
     save_file(tensors, str(path))
-    with stream.standin(stream.StandInBackend(delay=0.0005)) as dev:
+    with standin(StandInBackend(delay=0.0005)) as dev:
         ctx = LoadContext(io=io, threads=4)
         f = ctx.open(path)
         for name, ref in tensors.items():
@@ -89,11 +92,11 @@ def test_standin_tensors_bit_identical(tmp_path, small_ring, io, cast):
 
 def test_ring_applies_back_pressure(tmp_path, monkeypatch):
     """With slow copies and a two-slot ring, no more than two chunks are ever in flight, and results stay right."""
-    monkeypatch.setattr(stream, "DEFAULT_CHUNK", 4096)
-    monkeypatch.setattr(stream, "pinned_budget", lambda: 2 * 4096)
+    monkeypatch.setattr("hf_fastload.engine.ring.DEFAULT_CHUNK", 4096)
+    monkeypatch.setattr("hf_fastload.engine.ring.pinned_budget", lambda: 2 * 4096)
     t = torch.randn(64, 1024)  # 256 KiB: 64 chunks
     save_file({"t": t}, str(tmp_path / "t.safetensors"))
-    with stream.standin(stream.StandInBackend(delay=0.002)):
+    with standin(StandInBackend(delay=0.002)):
         ctx = LoadContext(io="pread", threads=4)
         out = ctx.materialize(ctx.open(tmp_path / "t.safetensors").get_slice("t"), "cpu", None)
         pipe = ctx.pipelines["cpu"]
@@ -107,7 +110,7 @@ def test_ring_applies_back_pressure(tmp_path, monkeypatch):
 def test_models_through_standin_equal_stock(checkpoints, small_ring, kind, request_dtype):
     path = checkpoints(kind, torch.bfloat16, kind == "llama")
     kwargs = {} if request_dtype is None else {"dtype": request_dtype}
-    with stream.standin(stream.StandInBackend()):
+    with standin(StandInBackend()):
         stock, stock_info, fast, fast_info = load_both(path, model_class(kind), **kwargs)
     assert_same_model(stock, fast, stock_info, fast_info)
     report = hf_fastload.last_report()
@@ -155,19 +158,19 @@ def test_device_out_of_memory_midway(checkpoints, small_ring):
     the next load succeeds."""
     path = checkpoints("llama", torch.bfloat16, True)
     cls = model_class("llama")
-    with stream.standin(stream.StandInBackend(oom_after_bytes=20_000)) as dev:
+    with standin(StandInBackend(oom_after_bytes=20_000)) as dev:
         with pytest.raises(torch.OutOfMemoryError, match="stand-in device out of memory"):
             hf_fastload.fast_from_pretrained(path, model_class=cls)
     assert dev.host_live == 0
     assert not _threads()
-    with stream.standin(stream.StandInBackend()):
+    with standin(StandInBackend()):
         stock, stock_info, fast, fast_info = load_both(path, cls)
     assert_same_model(stock, fast, stock_info, fast_info)
 
 
 def test_failed_copy_propagates(checkpoints, small_ring):
     path = checkpoints("gpt2", torch.bfloat16)
-    with stream.standin(stream.StandInBackend(fail_copy_at=5)) as dev:
+    with standin(StandInBackend(fail_copy_at=5)) as dev:
         with pytest.raises(RuntimeError, match="injected failure in copy 5"):
             hf_fastload.fast_from_pretrained(path, model_class=model_class("gpt2"), dtype=torch.float32)
     assert dev.host_live == 0
@@ -190,7 +193,7 @@ def test_failed_read_stops_the_tensor(tmp_path, small_ring, monkeypatch):
         return real(self, info, out, byte_offset)
 
     monkeypatch.setattr(SafetensorsFile, "read_into", flaky)
-    with stream.standin(stream.StandInBackend(delay=0.001)) as dev:
+    with standin(StandInBackend(delay=0.001)) as dev:
         ctx = LoadContext(io="pread", threads=2)
         with pytest.raises(CheckpointFileError, match="injected"):
             ctx.materialize(ctx.open(tmp_path / "t.safetensors").get_slice("t"), "cpu", None)
@@ -206,7 +209,7 @@ def test_failed_event_record_still_waits_before_the_tensor_is_dropped(tmp_path, 
     one the tensor waits for, so no copy into the dropped tensor is still pending when the error reaches the caller."""
     t = torch.randn(1000)
     save_file({"t": t}, str(tmp_path / "t.safetensors"))
-    with stream.standin(stream.StandInBackend(delay=0.3, fail_record_at=0)) as dev:
+    with standin(StandInBackend(delay=0.3, fail_record_at=0)) as dev:
         ctx = LoadContext(io="pread", threads=2)
         with pytest.raises(RuntimeError, match="injected failure recording event 0"):
             ctx.materialize(ctx.open(tmp_path / "t.safetensors").get_slice("t"), "cpu", None)
@@ -217,20 +220,20 @@ def test_failed_event_record_still_waits_before_the_tensor_is_dropped(tmp_path, 
 def test_pinned_budget_and_chunk_knobs(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_FASTLOAD_PINNED_MB", "lots")
     with pytest.raises(FastLoadError, match="HF_FASTLOAD_PINNED_MB"):
-        stream.pinned_budget()
+        pinned_budget()
     monkeypatch.setenv("HF_FASTLOAD_PINNED_MB", "64")
-    assert stream.pinned_budget() == 64 << 20
-    assert stream.ring_shape(8, 64 << 20, None) == (4 << 20, 16), "two slots per reader thread by default"
+    assert pinned_budget() == 64 << 20
+    assert ring_shape(8, 64 << 20, None) == (4 << 20, 16), "two slots per reader thread by default"
     monkeypatch.setenv("HF_FASTLOAD_CHUNK_MB", "0")
     with pytest.raises(FastLoadError, match="HF_FASTLOAD_CHUNK_MB"):
-        stream.chunk_bytes()
+        chunk_bytes()
     monkeypatch.setenv("HF_FASTLOAD_CHUNK_MB", "32")
-    assert stream.ring_shape(8, 64 << 20, stream.chunk_bytes()) == (32 << 20, 2), "an explicit chunk size is kept"
-    assert stream.ring_shape(8, 256 << 20, 24 << 20)[0] == 16 << 20, "slots are powers of two (as pinned blocks)"
+    assert ring_shape(8, 64 << 20, chunk_bytes()) == (32 << 20, 2), "an explicit chunk size is kept"
+    assert ring_shape(8, 256 << 20, 24 << 20)[0] == 16 << 20, "slots are powers of two (as pinned blocks)"
     monkeypatch.setenv("HF_FASTLOAD_PINNED_MB", "4")
     monkeypatch.setenv("HF_FASTLOAD_CHUNK_MB", "1")
     save_file({"t": torch.randn(1000)}, str(tmp_path / "t.safetensors"))
-    with stream.standin(stream.StandInBackend()):
+    with standin(StandInBackend()):
         ctx = LoadContext(io="pread", threads=8)
         ctx.materialize(ctx.open(tmp_path / "t.safetensors").get_slice("t"), "cpu", None)
         pipe = ctx.pipelines["cpu"]
@@ -242,14 +245,14 @@ def test_pinned_budget_and_chunk_knobs(tmp_path, monkeypatch):
 def test_standin_checks_the_allocators_stream_rule():
     """The model itself: a block used on a side stream must be allocated before the event that stream waited for
     (or on that stream); a block used on a side stream must not be freed before that use was waited for."""
-    dev = stream.StandInBackend(delay=0.05)  # copies run well after they are queued
+    dev = StandInBackend(delay=0.05)  # copies run well after they are queued
     side = dev.stream()
     src = torch.ones(16, dtype=torch.uint8)
     a = dev.empty((16,), torch.uint8)
     mark = dev.mark()
     late = dev.empty((16,), torch.uint8)  # allocated after the mark: the side stream is not ordered after it
     dev.copy(a, src, side, mark)
-    with pytest.raises(stream.StreamOrderError, match="allocated on default"):
+    with pytest.raises(StreamOrderError, match="allocated on default"):
         dev.copy(late, src, side, mark)
     dev.violations.clear()
     own = dev.empty((16,), torch.uint8, stream=side)  # the side stream's own block: ordered by the stream
@@ -282,7 +285,7 @@ def test_staging_is_allocated_on_the_side_stream_once_per_thread(tmp_path, small
     raises StreamOrderError for a staging buffer allocated on the caller's stream after the mark."""
     t = torch.randn(40, 1000).to(torch.bfloat16)  # 80 KB: 20 chunks of 4 KiB
     save_file({"t": t}, str(tmp_path / "t.safetensors"))
-    with stream.standin(stream.StandInBackend(delay=0.0005)) as dev:
+    with standin(StandInBackend(delay=0.0005)) as dev:
         ctx = LoadContext(io="pread", threads=threads)
         out = ctx.materialize(ctx.open(tmp_path / "t.safetensors").get_slice("t"), "cpu", torch.float32)
         pipe = ctx.pipelines["cpu"]
@@ -295,14 +298,14 @@ def test_staging_is_allocated_on_the_side_stream_once_per_thread(tmp_path, small
 def test_device_conversions_equal_the_cpus_bit_for_bit(tmp_path, small_ring):
     """NaNs (many payloads, both signs), infinities, subnormals, zeros and extremes in every direction between
     fp32, bf16 and fp16, converted on a device that canonicalizes NaNs as CUDA does: the CPU's bits come out."""
-    with stream.standin(stream.StandInBackend(delay=0.0002)):
+    with standin(StandInBackend(delay=0.0002)):
         load_specials(str(tmp_path), "cpu")
 
 
 def test_the_standin_converts_nans_as_cuda_does():
     """Without the CPU's rule the stand-in's own conversion gives CUDA's canonical NaN, not the CPU's: the test
     above would see a device that ignored the rule."""
-    dev = stream.StandInBackend()
+    dev = StandInBackend()
     src = special_values()["fp32"]
     out = torch.empty(src.shape, dtype=torch.bfloat16)
     dev._device_cast(out, src)
@@ -322,7 +325,7 @@ def test_cuda_conversions_equal_the_cpus_bit_for_bit(tmp_path, small_ring):
 def test_ring_is_made_once_and_reused_by_later_loads(checkpoints, small_ring):
     path = checkpoints("llama", torch.bfloat16, True)
     cls = model_class("llama")
-    with stream.standin(stream.StandInBackend()) as dev:
+    with standin(StandInBackend()) as dev:
         hf_fastload.fast_from_pretrained(path, model_class=cls)
         dev._ring.done.wait()  # the allocation goes on in the background after a short load
         first = (dev.host_buffers, dev.host_live, dev._ring)
@@ -336,17 +339,17 @@ def test_ring_is_made_once_and_reused_by_later_loads(checkpoints, small_ring):
 def test_ring_is_allocated_in_the_background_slot_by_slot(tmp_path, monkeypatch):
     """A slow pinned allocation: the first tensor streams through the first slots while the rest are still being
     allocated."""
-    monkeypatch.setattr(stream, "DEFAULT_CHUNK", 4096)
+    monkeypatch.setattr("hf_fastload.engine.ring.DEFAULT_CHUNK", 4096)
     t = torch.randn(2048)  # two chunks
     save_file({"t": t}, str(tmp_path / "t.safetensors"))
 
-    class SlowPinned(stream.StandInBackend):
+    class SlowPinned(StandInBackend):
         def host_buffer(self, nbytes):
             if self.host_buffers >= 2:
                 time.sleep(0.1)
             return super().host_buffer(nbytes)
 
-    with stream.standin(SlowPinned()):
+    with standin(SlowPinned()):
         ctx = LoadContext(io="pread", threads=2)
         out = ctx.materialize(ctx.open(tmp_path / "t.safetensors").get_slice("t"), "cpu", None)
         ring = ctx.pipelines["cpu"].ring
@@ -358,7 +361,7 @@ def test_ring_is_allocated_in_the_background_slot_by_slot(tmp_path, monkeypatch)
 @pytest.mark.parametrize("fail_after", [3, 1], ids=["cut", "pageable"])
 def test_failed_pinned_allocation_keeps_a_smaller_ring_or_goes_pageable(checkpoints, small_ring, fail_after):
     path = checkpoints("gpt2", torch.bfloat16)
-    with stream.standin(stream.StandInBackend(pinned_fail_after=fail_after)):
+    with standin(StandInBackend(pinned_fail_after=fail_after)):
         stock, stock_info, fast, fast_info = load_both(path, model_class("gpt2"), dtype=torch.float32)
     assert_same_model(stock, fast, stock_info, fast_info)
     reason = hf_fastload.last_report().io_reason
@@ -371,7 +374,7 @@ def test_failed_pinned_allocation_keeps_a_smaller_ring_or_goes_pageable(checkpoi
 def test_concurrent_loads_to_one_device_get_their_own_rings(tmp_path, small_ring):
     tensors = {f"t{i}": torch.randn(30, 100 + i) for i in range(6)}
     save_file(tensors, str(tmp_path / "t.safetensors"))
-    with stream.standin(stream.StandInBackend(delay=0.0005)) as dev:
+    with standin(StandInBackend(delay=0.0005)) as dev:
         ctxs = [LoadContext(io="pread", threads=2) for _ in range(2)]
         out, errors = {}, []
 
@@ -439,7 +442,7 @@ def fake_cuda(monkeypatch):
     return entered
 
 
-class CpuCuda(stream.CudaBackend):
+class CpuCuda(CudaBackend):
     """CudaBackend's calls on CPU memory (with the fake_cuda fixture)."""
 
     def __init__(self, device=torch.device("cpu", 0)):
@@ -447,7 +450,7 @@ class CpuCuda(stream.CudaBackend):
         self.device = torch.device("cpu")  # where its tensors really go
 
     def host_buffer(self, nbytes):  # pinned memory needs a CUDA build
-        return stream.Backend.host_buffer(self, nbytes)
+        return Backend.host_buffer(self, nbytes)
 
 
 def test_cuda_backend_call_sequence(tmp_path, small_ring, monkeypatch, fake_cuda):
@@ -457,7 +460,7 @@ def test_cuda_backend_call_sequence(tmp_path, small_ring, monkeypatch, fake_cuda
     backend = CpuCuda()
     tensors = _tensors()
     save_file(tensors, str(tmp_path / "t.safetensors"))
-    monkeypatch.setattr(stream, "backend_for", lambda device, io: backend)
+    monkeypatch.setattr("hf_fastload.engine.backends.backend_for", lambda device, io: backend)
     ctx = LoadContext(io="pread", threads=2)
     f = ctx.open(tmp_path / "t.safetensors")
     for name, ref in tensors.items():
@@ -480,7 +483,7 @@ def test_cuda_and_cuda0_share_one_pipeline_and_no_extra_copy(tmp_path, small_rin
     backend = CpuCuda(torch.device("cuda", 0))
     tensors = {"a": torch.randn(100), "b": torch.randn(100)}
     save_file(tensors, str(tmp_path / "t.safetensors"))
-    monkeypatch.setattr(stream, "backend_for", lambda device, io: backend)
+    monkeypatch.setattr("hf_fastload.engine.backends.backend_for", lambda device, io: backend)
     ctx = LoadContext(io="pread", threads=2)
     f = ctx.open(tmp_path / "t.safetensors")
     a = ctx.materialize(f.get_slice("a"), "cuda", None)
@@ -496,8 +499,8 @@ def test_each_device_gets_its_own_pipeline(tmp_path, small_ring, monkeypatch):
     through two pipelines, each with its own ring and backend, concurrently; every tensor comes out right."""
     tensors = {f"t{i}": torch.randn(40, 100 + i) for i in range(8)}
     save_file(tensors, str(tmp_path / "t.safetensors"))
-    backends = {"cpu:0": stream.StandInBackend(delay=0.0005), "cpu:1": stream.StandInBackend(delay=0.0005)}
-    monkeypatch.setattr(stream, "backend_for", lambda device, io: backends[str(device)])
+    backends = {"cpu:0": StandInBackend(delay=0.0005), "cpu:1": StandInBackend(delay=0.0005)}
+    monkeypatch.setattr("hf_fastload.engine.backends.backend_for", lambda device, io: backends[str(device)])
     ctx = LoadContext(io="pread", threads=4)
     f = ctx.open(tmp_path / "t.safetensors")
     out, errors = {}, []
@@ -548,7 +551,7 @@ def test_next_tensors_are_prefetched(checkpoints, small_ring, contexts, device, 
     loader threads already overlap CPU tensors). Equal to stock either way."""
     path = checkpoints("llama", torch.bfloat16, True)
     kwargs = {} if request_dtype is None else {"dtype": request_dtype}
-    with stream.standin(stream.StandInBackend(delay=0.001)) if device == "standin" else contextlib.nullcontext():
+    with standin(StandInBackend(delay=0.001)) if device == "standin" else contextlib.nullcontext():
         stock, stock_info, fast, fast_info = load_both(path, model_class("llama"), **kwargs)
     assert_same_model(stock, fast, stock_info, fast_info)
     ctx = contexts[-1]
@@ -563,7 +566,7 @@ def test_next_tensors_are_prefetched(checkpoints, small_ring, contexts, device, 
 def test_prefetch_window_bounds_bytes_ahead(checkpoints, small_ring, contexts, monkeypatch):
     monkeypatch.setattr(context, "PREFETCH_BYTES", 10_000)
     path = checkpoints("llama", torch.float32, True)
-    with stream.standin(stream.StandInBackend(delay=0.001)):
+    with standin(StandInBackend(delay=0.001)):
         stock, stock_info, fast, fast_info = load_both(path, model_class("llama"))
     assert_same_model(stock, fast, stock_info, fast_info)
     ctx = contexts[-1]
@@ -575,7 +578,7 @@ def test_a_prefetched_tensors_error_is_raised_in_the_loaders_order(tmp_path, sma
     """A tensor that fails while prefetched fails the load only when it is taken, and the load then raises it."""
     tensors = {"a": torch.randn(100), "b": torch.randn(100)}
     save_file(tensors, str(tmp_path / "t.safetensors"))
-    with stream.standin(stream.StandInBackend(oom_after_bytes=500)):
+    with standin(StandInBackend(oom_after_bytes=500)):
         ctx = LoadContext(io="pread", threads=2)
         f = ctx.open(tmp_path / "t.safetensors")
         a, b = f.get_slice("a"), f.get_slice("b")

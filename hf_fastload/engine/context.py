@@ -30,10 +30,11 @@ import torch
 
 from ..errors import CheckpointFileError, FastLoadError
 from ..format.header import TensorInfo
-from . import stream
+from . import backends, ring
 from .handle import SafetensorsHandle, TensorSlice
 from .materialize import materialize
 from .pools import chunk_pool, get_pool
+from .stream import Pipeline
 
 __all__ = ["LoadContext", "choose_io"]
 
@@ -80,7 +81,7 @@ class LoadContext:
         self.prefetch_window = PREFETCH_BYTES
         self.prefetched = 0  # tensors that were prefetched, and the most target bytes ahead at once
         self.peak_prefetch_bytes = 0
-        self.pipelines: dict[str, Any] = {}  # resolved device -> stream.Pipeline, made on its first tensor
+        self.pipelines: dict[str, Any] = {}  # resolved device -> Pipeline, made on its first tensor
         self.closed = False  # set by close(): a task still running for a failed load opens nothing more
         self.active = 0  # tensors being materialized now; close() waits for them
         self._idle = threading.Condition(self.lock)
@@ -255,17 +256,17 @@ class LoadContext:
         """The device pipeline (:mod:`~hf_fastload.engine.stream`) for tensors going to ``device``, or None where
         tensors take the CPU paths (a CPU target without ``HF_FASTLOAD_IO=direct``, or a device type without a
         backend). ``"cuda"`` and ``"cuda:0"`` (the current device) share one pipeline."""
-        device = stream.resolve_device(device)
+        device = backends.resolve_device(device)
         key = str(device)
         with self.lock:
             if key in self.pipelines:
                 return self.pipelines[key]
-        backend = stream.backend_for(device, file.io)
+        backend = backends.backend_for(device, file.io)  # module attributes: tests and benchmarks replace them
         pipe = None
         if backend is not None:
-            budget, chunk = stream.pinned_budget(), stream.chunk_bytes()
+            budget, chunk = ring.pinned_budget(), ring.chunk_bytes()
             pool = chunk_pool(self.threads)
-            pipe = stream.Pipeline(backend, pool.submit, self.threads, budget, self._stopping, chunk=chunk)
+            pipe = Pipeline(backend, pool.submit, self.threads, budget, self._stopping, chunk=chunk)
         with self.lock:
             return self.pipelines.setdefault(key, pipe)
 
