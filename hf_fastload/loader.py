@@ -131,12 +131,23 @@ def _broken_entry(path: str) -> str | None:
 _SHARD_NAME = re.compile(r"-\d+-of-\d+\.safetensors$")
 
 
+def _leaves_folder(shard: str) -> str | None:
+    """Why the shard name ``shard`` from an index points outside the checkpoint folder, or None. Only the name is
+    judged: a file inside the folder may be a symbolic link to anywhere (the HF cache links into ``../../blobs``)."""
+    if os.path.isabs(shard) or shard.startswith(("/", "\\")):
+        return "is an absolute path"
+    if ".." in re.split(r"[/\\]", shard):
+        return "has a '..' component"
+    return None
+
+
 def check_local_checkpoint(folder: str, ctx: Any = None) -> None:
     """Checks a local folder's safetensors files before a fast load; raises CheckpointFileError or
     CheckpointContentError naming the file (and tensor) at fault.
 
     - ``model.safetensors`` or the index that exists as a broken entry (a symlink loop, a dangling link, a directory);
-    - the index parses, and every shard it names exists and is readable;
+    - the index parses, and every shard it names is inside the folder (no absolute path, no ``..`` component; a shard
+      may be a symbolic link to elsewhere, as in the HF cache), exists and is readable;
     - every tensor the index places in a shard is in that shard's header (else transformers 5 would initialize it
       randomly as "missing", and 4.57 would return it on the meta device);
     - a file named like a shard (``*-00003-of-00004.safetensors``) that the index does not name is not loaded: a
@@ -172,6 +183,14 @@ def check_local_checkpoint(folder: str, ctx: Any = None) -> None:
         by_shard.setdefault(shard, []).append(name)
     for shard in sorted(shards, key=str):
         names = sorted(by_shard[shard])
+        escape = _leaves_folder(shard) if isinstance(shard, str) else None
+        if escape is not None:
+            raise CheckpointContentError(
+                f"{index_path} names shard {shard!r} (holding e.g. {names[:3]}), which {escape}: it would be read "
+                f"from outside {folder}. hf_fastload only reads shards inside the checkpoint folder (an index could "
+                "otherwise load another model's files, e.g. from elsewhere in the HF cache); stock transformers would "
+                "read it. Name the shard by its file name inside the folder."
+            )
         path = os.path.join(folder, str(shard))
         if not isinstance(shard, str) or not os.path.isfile(path):
             why = (_broken_entry(path) if isinstance(shard, str) else None) or "does not exist"

@@ -286,10 +286,43 @@ def test_header_is_not_an_object(ckpt):
     expect(ckpt, CheckpointContentError, path, "JSON object", "list")
 
 
-def test_metadata_not_strings(ckpt):
+@pytest.mark.parametrize("metadata", [{"format": {"nested": 1}}, {"format": 1}, ["pt"], "pt"], ids=repr)
+def test_metadata_not_strings(ckpt, metadata):
     path = _weights(ckpt)
-    _edit_header(path, lambda h: h.update(__metadata__={"format": {"nested": 1}}))
+    _edit_header(path, lambda h: h.update(__metadata__=metadata))
+    with pytest.raises(Exception):  # safetensors refuses the file
+        transformers.LlamaForCausalLM.from_pretrained(ckpt)
     expect(ckpt, CheckpointContentError, path, "__metadata__")
+
+
+def test_metadata_null_loads(ckpt):
+    """safetensors reads ``"__metadata__": null`` as no metadata; so do we."""
+    path = _weights(ckpt)
+    _edit_header(path, lambda h: h.update(__metadata__=None))
+    assert_same_model(transformers.LlamaForCausalLM.from_pretrained(ckpt), _load(ckpt))
+
+
+def test_trailing_bytes_after_the_data(ckpt):
+    """Bytes after the last tensor belong to no tensor: safetensors refuses the file (it could hide other content)."""
+    path = _weights(ckpt)
+    with open(path, "ab") as fh:
+        fh.write(b"\x00" * 24)
+    with pytest.raises(Exception):
+        transformers.LlamaForCausalLM.from_pretrained(ckpt)
+    expect(ckpt, CheckpointContentError, path, "24 trailing bytes")
+
+
+def test_entry_removed_from_the_header_leaves_a_hole(ckpt):
+    """The tensor's bytes stay, indexed by nothing: safetensors refuses the file. Loading it anyway would give a model
+    stock never returns (transformers would see a missing key and initialize that weight randomly)."""
+    path = _weights(ckpt)
+    header, data = _read(path)
+    name = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")[0][1]  # the first bytes
+    del header[name]
+    _write(path, header, data)
+    with pytest.raises(Exception):
+        transformers.LlamaForCausalLM.from_pretrained(ckpt)
+    expect(ckpt, CheckpointContentError, path, "hole", "belong to no tensor")
 
 
 # --- folders: index, shards, links, permissions ------------------------------------------------------------------
