@@ -98,6 +98,7 @@ class TensorInfo:
     shape: tuple[int, ...]  # the torch tensor's shape (for F4, half the header's last dimension)
     start: int  # absolute byte offset in the file
     nbytes: int
+    unreadable: str | None = None  # why torch cannot hold this tensor (it is refused when read), or None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -110,7 +111,7 @@ class TensorInfo:
     @property
     def header_shape(self) -> tuple[int, ...]:
         """The shape as the header gives it (what ``safe_open``'s ``get_shape`` returns)."""
-        return (*self.shape[:-1], self.shape[-1] * 2) if self.dtype == "F4" else self.shape
+        return (*self.shape[:-1], self.shape[-1] * 2) if self.dtype == "F4" and not self.unreadable else self.shape
 
 
 def _content_error(path: str, what: str, tensor: str | None = None) -> CheckpointContentError:
@@ -334,20 +335,21 @@ def _tensor_info(path: str, name: str, entry: Any, data_start: int, data_len: in
             f"truncated safetensors file {path}: tensor {name!r} ends at data offset {end} but the data region "
             f"holds {data_len} bytes"
         )
+    # A valid header that torch cannot hold: safetensors opens such a file and refuses the tensor when it is read
+    # (transformers 5 may never read it: an unexpected key), and so do we.
+    unreadable = None
     if dtype not in DTYPES:
-        raise _content_error(
-            path,
-            f"dtype {dtype} has no torch dtype in torch {torch.__version__} (safetensors cannot load it either)",
-            name,
+        unreadable = (
+            f"dtype {dtype} has no torch dtype in torch {torch.__version__} (safetensors cannot read it either)"
         )
-    if count == 0 and any(d > _TORCH_DIM for d in shape):  # with elements, such a shape overflowed above
-        raise _content_error(path, f"shape {shape} has a dimension beyond torch's limit of 2^63 - 1", name)
-    if dtype == "F4":
-        if shape[-1] % 2:  # a scalar F4 (4 bits) was refused above
-            raise _content_error(
-                path, f"F4 shape {shape} needs an even last dimension (torch packs two F4 values per element)", name
-            )
+    elif count == 0 and any(d > _TORCH_DIM for d in shape):  # with elements, such a shape overflowed above
+        unreadable = f"shape {shape} has a dimension beyond torch's limit of 2^63 - 1"
+    elif dtype == "F4" and shape[-1] % 2:  # a scalar F4 (4 bits) was refused above
+        unreadable = f"F4 shape {shape} needs an even last dimension (torch packs two F4 values per element)"
+    elif dtype == "F4":
         shape = [*shape[:-1], shape[-1] // 2]
+    if unreadable is not None:
+        return TensorInfo(name, dtype, tuple(shape), data_start + begin, expected, unreadable)
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, expected)
 
 
@@ -619,6 +621,9 @@ class TensorSlice:
 
     def __getitem__(self, key) -> torch.Tensor:
         from .engine import materialize
+
+        if self.info.unreadable is not None:
+            raise _content_error(self.file.path, self.info.unreadable, self.info.name)
 
         ctx = getattr(self.file, "context", None)
         whole = key is Ellipsis or (isinstance(key, tuple) and key == (Ellipsis,))

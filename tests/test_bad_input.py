@@ -7,6 +7,7 @@ is returned and nothing is written to disk.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -300,6 +301,29 @@ def test_metadata_null_loads(ckpt):
     path = _weights(ckpt)
     _edit_header(path, lambda h: h.update(__metadata__=None))
     assert_same_model(transformers.LlamaForCausalLM.from_pretrained(ckpt), _load(ckpt))
+
+
+@pytest.mark.parametrize("dtype, shape", [("F6_E2M3", [4]), ("F4", [2, 3])], ids=["F6, no torch dtype", "F4, odd"])
+def test_unused_tensor_torch_cannot_hold(ckpt, dtype, shape):
+    """A valid header entry that torch cannot hold is refused when it is read, as safetensors does: an unexpected key
+    is never read by 5.x (stock loads the model), while 4.57 refuses its dtype name; we do what stock does."""
+    path = _weights(ckpt)
+    header, data = _read(path)
+    nbytes = math.prod(shape) * {"F6_E2M3": 6, "F4": 4}[dtype] // 8
+    header["extra.weight"] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + nbytes]}
+    _write(path, header, data + bytes(nbytes))
+    cls = transformers.LlamaForCausalLM
+    try:
+        stock = cls.from_pretrained(ckpt)
+    except Exception as e:
+        with pytest.raises(type(e)):
+            _load(ckpt)
+    else:
+        assert_same_model(stock, _load(ckpt))
+    with SafetensorsFile(path) as f:
+        assert f.get_slice("extra.weight").get_shape() == shape
+        with pytest.raises(CheckpointContentError, match="extra.weight"):
+            f.get_tensor("extra.weight")
 
 
 def test_trailing_bytes_after_the_data(ckpt):
