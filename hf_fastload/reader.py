@@ -15,8 +15,10 @@ its JSON parser reads it (no ``NaN``, numbers in range, no lone surrogates, at m
 ``__metadata__`` (given at most once) is null or maps strings to strings; for every tensor a known dtype, a shape of
 integers, ``data_offsets`` ``[begin, end]``, ``shape x dtype size == end - begin`` without overflow; and the tensors,
 taken in offset order, covering the data region exactly: no hole, no overlap, no byte after the last tensor, so no file
-can hide other content between or after its tensors. Header entries may be listed in any order. One rule is stricter
-than safetensors: a tensor named twice with different entries is refused (safetensors silently keeps the last).
+can hide other content between or after its tensors. Header entries may be listed in any order. A tensor that torch
+cannot hold (an F6 dtype, an odd F4 last dimension) is refused when it is read, as safetensors does. One rule is
+stricter than safetensors: a tensor named twice with different entries is refused (safetensors silently keeps the
+last). ``tests/test_reader_fuzz.py`` holds the reader to safetensors' own on valid and damaged files.
 A mapped read checks first that the file has not shrunk since it was opened (touching a mapped page past the end of
 a file is a SIGBUS, which kills the process).
 Every problem raises :class:`~hf_fastload.errors.CheckpointFileError` (an ``OSError``) or
@@ -298,25 +300,38 @@ def _entry_fields(path: str, name: str, entry: Any) -> tuple[Any, Any, Any]:
     return dtype, shape, offsets
 
 
-def _tensor_info(path: str, name: str, entry: Any, data_start: int, data_len: int) -> TensorInfo:
+def _fields(path: str, name: str, entry: Any) -> tuple[str, int, list[int], list[int]]:
+    """``(dtype, bits per value, shape, data_offsets)`` of a header entry, checked as safetensors' parser checks every
+    entry it reads (each entry of a tensor named twice too): a known dtype, integers in 0..2^64."""
     dtype, shape, offsets = _entry_fields(path, name, entry)
     bits = _BITS.get(dtype) if type(dtype) is str else None
     if bits is None:
         raise _content_error(path, f"unknown dtype {_brief(dtype, 60)}; known: {', '.join(sorted(DTYPES))}", name)
     if type(shape) is not list:
         raise _content_error(path, f"shape must be a list of non-negative integers, found {_brief(shape)}", name)
-    count = 1
     for d in shape:
         if type(d) is not int or not 0 <= d < _U64:
             raise _content_error(path, f"shape must be a list of non-negative integers, found {_brief(shape)}", name)
+    if type(offsets) is not list or len(offsets) != 2:
+        raise _content_error(path, f"data_offsets must be [begin, end], found {_brief(offsets)}", name)
+    for o in offsets:
+        if type(o) is not int or not 0 <= o < _U64:
+            raise _content_error(
+                path, f"data_offsets must be [begin, end] (non-negative integers), found {_brief(offsets)}", name
+            )
+    return dtype, bits, shape, offsets
+
+
+def _tensor_info(path: str, name: str, entry: Any, data_start: int, data_len: int) -> TensorInfo:
+    dtype, bits, shape, offsets = _fields(path, name, entry)
+    count = 1
+    for d in shape:
         count *= d
         if count >= _U64:
             raise _content_error(path, f"shape {shape} overflows a 64-bit element count", name)
-    if type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int or type(offsets[1]) is not int:
-        raise _content_error(path, f"data_offsets must be [begin, end] (integers), found {_brief(offsets)}", name)
     begin, end = offsets
-    if not 0 <= begin <= end < _U64:
-        raise _content_error(path, f"data_offsets must be [begin, end] with 0 <= begin <= end, found {offsets}", name)
+    if end < begin:
+        raise _content_error(path, f"data_offsets must be [begin, end] with begin <= end, found {offsets}", name)
     if count * bits >= _U64:
         raise _content_error(path, f"shape {shape} of {dtype} overflows a 64-bit size in bits", name)
     if count * bits % 8:
@@ -389,6 +404,7 @@ def parse_header(
     for key, first, last in _repeated(header):
         if key == "__metadata__":
             raise _content_error(path, "__metadata__ is given twice")
+        _fields(path, key, first)  # safetensors' parser reads every entry, and keeps the last
         if first != last:
             raise _content_error(
                 path,

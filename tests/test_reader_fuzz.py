@@ -207,6 +207,8 @@ RULES = {
     "metadata key twice, first not a string": ('{"__metadata__":{"a":1,"a":"2"},' + T + "}", 4),
     "tensor listed twice, same entry": ("{" + T + "," + T + "}", 4),
     "tensor listed twice, other entry": ("{" + T + "," + _e("t", dtype="I32") + "}", 4),
+    "tensor listed twice, first [1.0]": ("{" + _e("t", shape="[1.0]") + "," + T + "}", 4),
+    "tensor listed twice, first invalid": ("{" + _e("t", dtype="F42") + "," + T + "}", 4),
     "field given twice, same value": ("{" + _e("t", extra=',"dtype":"F32"') + "}", 4),
     "ignored field given twice": ("{" + _e("t", extra=',"x":1,"x":2') + "}", 4),
     "missing field": ('{"t":{"dtype":"F32","data_offsets":[0,4]}}', 4),
