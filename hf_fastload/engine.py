@@ -443,10 +443,11 @@ def materialize(ts: TensorSlice, device: Any = None, dtype: torch.dtype | None =
     threads = ctx.threads if ctx is not None else settings()["threads"]
     start = time.perf_counter()
     target = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = dtype or info.torch_dtype
     if ctx is not None:
         ctx.begin()
     try:
+        ts.check_readable()  # a tensor torch cannot hold (an F6 dtype) is refused when read, as safetensors does
+        dtype = dtype or info.torch_dtype
         pipe = ctx.pipeline(target, file) if ctx is not None and target.type != "meta" else None
         if target.type == "meta":
             out, method = torch.empty(info.shape, dtype=dtype, device="meta"), "meta"

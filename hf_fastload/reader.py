@@ -635,11 +635,15 @@ class TensorSlice:
     def dtype(self) -> torch.dtype:
         return self.info.torch_dtype
 
+    def check_readable(self) -> None:
+        """Raises CheckpointContentError if torch cannot hold this tensor (safetensors refuses to read it too)."""
+        if self.info.unreadable is not None:
+            raise _content_error(self.file.path, self.info.unreadable, self.info.name)
+
     def __getitem__(self, key) -> torch.Tensor:
         from .engine import materialize
 
-        if self.info.unreadable is not None:
-            raise _content_error(self.file.path, self.info.unreadable, self.info.name)
+        self.check_readable()
 
         ctx = getattr(self.file, "context", None)
         whole = key is Ellipsis or (isinstance(key, tuple) and key == (Ellipsis,))
