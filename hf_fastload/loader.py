@@ -20,7 +20,13 @@ import threading
 import time
 from typing import Any
 
-from .errors import CheckpointContentError, CheckpointFileError, FallbackRequiredError, VerificationError
+from .errors import (
+    CheckpointContentError,
+    CheckpointFileError,
+    FallbackRequiredError,
+    FastLoadError,
+    VerificationError,
+)
 from .report import LoadReport, _set_last_report
 
 __all__ = ["fast_from_pretrained"]
@@ -141,6 +147,62 @@ def _leaves_folder(shard: str) -> str | None:
     return None
 
 
+def _read_index(index_path: str) -> dict[Any, list[str]]:
+    """The tensor names of each shard that the index at ``index_path`` names."""
+    try:
+        with open(index_path, encoding="utf-8") as fh:
+            index = json.load(fh)
+        weight_map = index["weight_map"]
+        items = list(weight_map.items())
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointFileError(f"cannot read safetensors index {index_path}: {e}") from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointContentError(
+            f"invalid safetensors index {index_path}: expected a JSON object with a 'weight_map' of tensor name to "
+            f"shard file, found an error: {e!r}"
+        ) from None
+    by_shard: dict[Any, list[str]] = {}
+    for name, shard in items:
+        by_shard.setdefault(shard, []).append(name)
+    return by_shard
+
+
+def _refuse_shards_outside(index_path: str, by_shard: dict[Any, list[str]]) -> None:
+    """Raises CheckpointContentError, naming the index, the shard and why, for a shard name that leaves the index's
+    folder: absolute, or with a ``..`` component."""
+    for shard, names in by_shard.items():
+        escape = _leaves_folder(shard) if isinstance(shard, str) else None
+        if escape is not None:
+            raise CheckpointContentError(
+                f"{index_path} names shard {shard!r} (holding e.g. {sorted(names)[:3]}), which {escape}: it would be "
+                f"read from outside {os.path.dirname(index_path)}. hf_fastload only reads shards inside the "
+                "checkpoint folder (an index could otherwise load another model's files, e.g. from elsewhere in the "
+                "HF cache); stock transformers would read it. Name the shard by its file name inside the folder."
+            )
+
+
+def check_cached_index(repo_id: str, kwargs: dict) -> None:
+    """For a hub id: if its index is already in the HF cache, refuses shard names that leave its snapshot folder (an
+    index there could name another model's files in the same cache). Reads nothing from the network; what is not
+    cached yet, or cannot be looked up, is left to transformers."""
+    try:
+        from transformers.utils.hub import cached_file
+
+        hub = {k: kwargs[k] for k in ("cache_dir", "revision", "subfolder", "token") if kwargs.get(k) is not None}
+        index_path = cached_file(
+            repo_id, SAFE_WEIGHTS_INDEX_NAME, local_files_only=True, _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False, **hub,
+        )  # fmt: skip
+    except Exception:  # not a repo id, a gated repo, ...: transformers says so in the load itself
+        return
+    if isinstance(index_path, str) and os.path.isfile(index_path):
+        try:
+            by_shard = _read_index(index_path)
+        except FastLoadError:  # a broken index: transformers reports it, as stock
+            return
+        _refuse_shards_outside(index_path, by_shard)
+
+
 def check_local_checkpoint(folder: str, ctx: Any = None) -> None:
     """Checks a local folder's safetensors files before a fast load; raises CheckpointFileError or
     CheckpointContentError naming the file (and tensor) at fault.
@@ -166,31 +228,11 @@ def check_local_checkpoint(folder: str, ctx: Any = None) -> None:
             raise CheckpointFileError(f"checkpoint file {path} {broken}")
     if not os.path.isfile(index_path):
         return
-    try:
-        with open(index_path, encoding="utf-8") as fh:
-            index = json.load(fh)
-        weight_map = index["weight_map"]
-        shards = set(weight_map.values())
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointFileError(f"cannot read safetensors index {index_path}: {e}") from e
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointContentError(
-            f"invalid safetensors index {index_path}: expected a JSON object with a 'weight_map' of tensor name to "
-            f"shard file, found an error: {e!r}"
-        ) from None
-    by_shard: dict[Any, list[str]] = {}
-    for name, shard in weight_map.items():
-        by_shard.setdefault(shard, []).append(name)
+    by_shard = _read_index(index_path)
+    _refuse_shards_outside(index_path, by_shard)
+    shards = set(by_shard)
     for shard in sorted(shards, key=str):
         names = sorted(by_shard[shard])
-        escape = _leaves_folder(shard) if isinstance(shard, str) else None
-        if escape is not None:
-            raise CheckpointContentError(
-                f"{index_path} names shard {shard!r} (holding e.g. {names[:3]}), which {escape}: it would be read "
-                f"from outside {folder}. hf_fastload only reads shards inside the checkpoint folder (an index could "
-                "otherwise load another model's files, e.g. from elsewhere in the HF cache); stock transformers would "
-                "read it. Name the shard by its file name inside the folder."
-            )
         path = os.path.join(folder, str(shard))
         if not isinstance(shard, str) or not os.path.isfile(path):
             why = (_broken_entry(path) if isinstance(shard, str) else None) or "does not exist"
@@ -352,12 +394,14 @@ def fast_from_pretrained(
         prefer_pread, kwargs["disable_mmap"] = True, False  # we read with pread; stock would read whole files
     ctx = engine.LoadContext(io=knobs["io"], threads=knobs["threads"], prefer_pread=prefer_pread)
     ctx.readahead = not distributed.tp_requested(kwargs)  # a tensor-parallel rank reads only its own shards
-    if os.path.isdir(source):
-        try:
+    try:
+        if os.path.isdir(source):
             check_local_checkpoint(os.path.join(source, kwargs.get("subfolder") or ""), ctx)
-        except BaseException:
-            ctx.close()
-            raise
+        else:
+            check_cached_index(source, kwargs)
+    except BaseException:
+        ctx.close()
+        raise
     t_build = time.perf_counter()
     try:
         with LOAD_LOCK, compat.hooks(ctx), patch.suspended():

@@ -179,6 +179,34 @@ def test_hf_cache_layout_with_symlinked_shards_loads(tmp_path, sharded):
         assert_same_model(stock, fast)
 
 
+def test_cached_hub_index_cannot_name_another_models_shards(tmp_path):
+    """In the HF cache, an index naming ``../../../models--org--other/snapshots/<sha>/<shard>`` makes stock load
+    another model's weights by hub id (huggingface_hub before 1.x; newer versions refuse the name with a ValueError);
+    the fast path refuses the index before loading anything."""
+    folder = build_checkpoint("llama", str(tmp_path / "m"), torch.float32, sharded=True)
+    other = _hf_cache(tmp_path, folder, repo="org--other")
+    snapshot = _hf_cache(tmp_path, folder)
+    index_path = os.path.join(snapshot, "model.safetensors.index.json")
+    with open(index_path) as fh:
+        index = json.load(fh)
+    first = sorted(set(index["weight_map"].values()))[0]
+    shard = os.path.relpath(os.path.join(other, first), snapshot)
+    assert shard.startswith("../../../models--org--other/")
+    index["weight_map"] = {k: shard if v == first else v for k, v in index["weight_map"].items()}
+    os.remove(index_path)  # the link into blobs: the new index is a file of its own
+    with open(index_path, "w") as fh:
+        json.dump(index, fh)
+    os.remove(os.path.join(snapshot, first))
+    cls, hub = transformers.LlamaForCausalLM, {"cache_dir": str(tmp_path / "hub")}
+    try:
+        cls.from_pretrained("org/tiny-llama", **hub)  # stock read the other model's shard
+    except ValueError as e:  # or its huggingface_hub refused the name
+        assert "'..'" in str(e), e
+    with pytest.raises(CheckpointContentError) as info:
+        hf_fastload.fast_from_pretrained("org/tiny-llama", model_class=cls, **hub)
+    assert repr(shard) in str(info.value) and "'..' component" in str(info.value), info.value
+
+
 _SYS_MODULES = "import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in ({})))".format(
     "'hf_fastload', 'hf_fastload_startup', 'torch', 'transformers'"
 )
