@@ -77,7 +77,7 @@ _DTYPE_NAMES: dict[str, tuple[str | None, int]] = {
     "F6_E3M2": (None, 6),
 }
 _BITS = {name: bits for name, (_, bits) in _DTYPE_NAMES.items()}
-# safetensors dtype name -> torch dtype. Names that this torch lacks are left out: a file using them is refused.
+# safetensors dtype name -> torch dtype. Names that this torch lacks are left out: their tensors are refused when read.
 DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, attr) for name, (attr, _) in _DTYPE_NAMES.items() if attr and hasattr(torch, attr)
 }
@@ -165,32 +165,38 @@ def _int_or_float_zero(token: str) -> int | float:
 
 
 _NUMBER = re.compile(r"(-?)(\d+)(?:\.(\d+))?(?:[eE]([+-]?)(\d+))?")
-_POW10 = [float(f"1e{i}") for i in range(309)]
+_POW10 = [float(f"1e{i}") for i in range(309)]  # serde_json's table: 1e0 ... 1e308
+
+
+def _overflows(acc: int, digit: int, limit: int) -> bool:
+    """serde_json's check before ``acc * 10 + digit``: would it pass ``limit``?"""
+    return acc > limit // 10 or (acc == limit // 10 and digit > limit % 10)
 
 
 def _serde_f64(token: str) -> float:
     """A JSON number as serde_json (safetensors' parser, without its float_roundtrip feature) reads it into an f64;
     raises _JSONError where it says "number out of range". The same digit-by-digit steps, so the same edge cases."""
     sign, whole, fraction, exp_sign, exp_digits = _NUMBER.fullmatch(token).groups()
+    u64, i32 = (1 << 64) - 1, (1 << 31) - 1
     significand = exponent = 0
-    for i, c in enumerate(whole):
-        if significand > 1844674407370955161 or (significand == 1844674407370955161 and c > "5"):
-            exponent = len(whole) - i  # u64 overflow: the remaining digits only scale
+    for i, d in enumerate(map(int, whole)):
+        if _overflows(significand, d, u64):
+            exponent = len(whole) - i  # the remaining digits only scale
             break
-        significand = significand * 10 + ord(c) - 48
-    for c in fraction or "":
-        if significand > 1844674407370955161 or (significand == 1844674407370955161 and c > "5"):
+        significand = significand * 10 + d
+    for d in map(int, fraction or ""):
+        if _overflows(significand, d, u64):
             break  # further fraction digits are ignored
-        significand, exponent = significand * 10 + ord(c) - 48, exponent - 1
+        significand, exponent = significand * 10 + d, exponent - 1
     if exp_digits is not None:
         value = 0
-        for c in exp_digits:
-            if value > 214748364 or (value == 214748364 and c > "7"):  # i32 overflow
+        for d in map(int, exp_digits):
+            if _overflows(value, d, i32):
                 if significand and exp_sign != "-":
                     raise _JSONError(f"number {token[:40]} out of range")
                 return -0.0 if sign else 0.0
-            value = value * 10 + ord(c) - 48
-        exponent = max(-(1 << 31), min((1 << 31) - 1, exponent + (-value if exp_sign == "-" else value)))
+            value = value * 10 + d
+        exponent = max(-i32 - 1, min(i32, exponent + (-value if exp_sign == "-" else value)))  # saturating
     f = float(significand)
     while True:
         if abs(exponent) <= 308:
@@ -363,9 +369,7 @@ def _tensor_info(path: str, name: str, entry: Any, data_start: int, data_len: in
         unreadable = f"F4 shape {shape} needs an even last dimension (torch packs two F4 values per element)"
     elif dtype == "F4":
         shape = [*shape[:-1], shape[-1] // 2]
-    if unreadable is not None:
-        return TensorInfo(name, dtype, tuple(shape), data_start + begin, expected, unreadable)
-    return TensorInfo(name, dtype, tuple(shape), data_start + begin, expected)
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, expected, unreadable)
 
 
 def parse_header(
