@@ -7,6 +7,7 @@ is returned and nothing is written to disk.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -22,6 +23,7 @@ from models import build_checkpoint
 import hf_fastload
 from hf_fastload import CheckpointContentError, CheckpointFileError, FastLoadError
 from hf_fastload.engine.handle import SafetensorsHandle
+from hf_fastload.integration import compat
 
 
 @pytest.fixture
@@ -47,6 +49,14 @@ def _write(path, header, data, pad=True):
         blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(blob)) + blob + data)
+
+
+def _without(header, data, name):
+    """``header`` and ``data`` with tensor ``name`` and its bytes taken out, the other offsets moved: a valid file."""
+    begin, end = header.pop(name)["data_offsets"]
+    for entry in (v for k, v in header.items() if k != "__metadata__"):
+        entry["data_offsets"] = [o - (end - begin) if o >= end else o for o in entry["data_offsets"]]
+    return header, data[:begin] + data[end:]
 
 
 def _edit_header(path, edit):
@@ -278,10 +288,74 @@ def test_header_is_not_an_object(ckpt):
     expect(ckpt, CheckpointContentError, path, "JSON object", "list")
 
 
-def test_metadata_not_strings(ckpt):
+@pytest.mark.parametrize("metadata", [{"format": {"nested": 1}}, {"format": 1}, ["pt"], "pt"], ids=repr)
+def test_metadata_not_strings(ckpt, metadata):
     path = _weights(ckpt)
-    _edit_header(path, lambda h: h.update(__metadata__={"format": {"nested": 1}}))
+    _edit_header(path, lambda h: h.update(__metadata__=metadata))
+    with pytest.raises(Exception):  # safetensors refuses the file
+        transformers.LlamaForCausalLM.from_pretrained(ckpt)
     expect(ckpt, CheckpointContentError, path, "__metadata__")
+
+
+def test_metadata_null_loads(ckpt):
+    """safetensors reads ``"__metadata__": null`` as no metadata; so do we."""
+    path = _weights(ckpt)
+    _edit_header(path, lambda h: h.update(__metadata__=None))
+    assert_same_model(transformers.LlamaForCausalLM.from_pretrained(ckpt), _load(ckpt))
+
+
+@pytest.mark.parametrize("name", ["extra.weight", "model.norm.weight"], ids=["unexpected key", "model weight"])
+@pytest.mark.parametrize("dtype, shape", [("F6_E2M3", [32]), ("F4", [2, 31])], ids=["F6, no torch dtype", "F4, odd"])
+def test_tensor_torch_cannot_hold(ckpt, name, dtype, shape):
+    """A valid header entry that torch cannot hold is refused when it is read, as safetensors does: a model weight
+    fails the load; an unexpected key is never read by 5.x (stock loads the model), while 4.57 refuses its dtype name.
+    We do what stock does."""
+    path = _weights(ckpt)
+    header, data = _read(path)
+    if name in header:
+        header, data = _without(header, data, name)
+    nbytes = math.prod(shape) * {"F6_E2M3": 6, "F4": 4}[dtype] // 8
+    header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + nbytes]}
+    _write(path, header, data + bytes(nbytes))
+    cls = transformers.LlamaForCausalLM
+    try:
+        stock = cls.from_pretrained(ckpt)
+    except Exception as e:
+        with pytest.raises(Exception) as info:
+            _load(ckpt)
+        if compat.TRANSFORMERS_V5:  # safetensors refused to read the tensor; so did we
+            assert isinstance(info.value, CheckpointContentError) and name in str(info.value), info.value
+        else:  # 4.57 refuses the dtype name itself, before reading
+            assert type(info.value) is type(e), info.value
+    else:
+        assert_same_model(stock, _load(ckpt))
+    with SafetensorsHandle(path) as f:
+        assert f.get_slice(name).get_shape() == shape
+        with pytest.raises(CheckpointContentError, match=name):
+            f.get_tensor(name)
+
+
+def test_trailing_bytes_after_the_data(ckpt):
+    """Bytes after the last tensor belong to no tensor: safetensors refuses the file (it could hide other content)."""
+    path = _weights(ckpt)
+    with open(path, "ab") as fh:
+        fh.write(b"\x00" * 24)
+    with pytest.raises(Exception):
+        transformers.LlamaForCausalLM.from_pretrained(ckpt)
+    expect(ckpt, CheckpointContentError, path, "24 trailing bytes")
+
+
+def test_entry_removed_from_the_header_leaves_a_hole(ckpt):
+    """The tensor's bytes stay, indexed by nothing: safetensors refuses the file. Loading it anyway would give a model
+    stock never returns (transformers would see a missing key and initialize that weight randomly)."""
+    path = _weights(ckpt)
+    header, data = _read(path)
+    name = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")[0][1]  # the first bytes
+    del header[name]
+    _write(path, header, data)
+    with pytest.raises(Exception):
+        transformers.LlamaForCausalLM.from_pretrained(ckpt)
+    expect(ckpt, CheckpointContentError, path, "hole", "belong to no tensor")
 
 
 # --- folders: index, shards, links, permissions ------------------------------------------------------------------
@@ -297,9 +371,7 @@ def test_tensor_in_index_absent_from_its_shard(tmp_path):
     """Stock 5.x initializes such a tensor randomly (a "MISSING" line), 4.57 returns it on the meta device."""
     folder, weight_map = _sharded(tmp_path)
     shard = os.path.join(folder, weight_map["model.norm.weight"])
-    header, data = _read(shard)
-    del header["model.norm.weight"]  # its bytes stay in the data region, unreferenced
-    _write(shard, header, data)
+    _write(shard, *_without(*_read(shard), "model.norm.weight"))  # a valid shard that lacks the tensor
     expect(folder, CheckpointContentError, "model.norm.weight", shard, "no such tensor")
 
 

@@ -74,22 +74,23 @@ def materialize(
     file, info = ts.file, ts.info
     ctx = file.context
     target = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = dtype or info.torch_dtype
 
     def make() -> tuple[torch.Tensor, str, TensorInfo]:
+        info.check_readable(file.path)  # a tensor torch cannot hold (F6) is refused when read, as safetensors does
+        to_dtype = dtype or info.torch_dtype
         threads = ctx.threads if ctx is not None else settings()["threads"]
         pipe = ctx.pipeline(target, file) if ctx is not None and target.type != "meta" else None
-        if pipe is not None and dtype != info.torch_dtype and not pipe.backend.can_cast(info.torch_dtype, dtype):
+        if pipe is not None and to_dtype != info.torch_dtype and not pipe.backend.can_cast(info.torch_dtype, to_dtype):
             pipe = None  # no device conversion with the CPU's bits: convert on the CPU, as stock does, then copy
         if target.type == "meta":
-            out, method = torch.empty(info.shape, dtype=dtype, device="meta"), "meta"
+            out, method = torch.empty(info.shape, dtype=to_dtype, device="meta"), "meta"
         elif pipe is not None:  # the pipeline's tensor is on the (resolved) device already
-            out = pipe.load(file, info, dtype)
-            method = f"stream({pipe.backend.name}){'+cast' if dtype != info.torch_dtype else ''}"
-        elif dtype != info.torch_dtype and file.io == "mmap":
-            out, method = cpu.convert_mapped(file, info, dtype), "convert"
-        elif dtype != info.torch_dtype:
-            out, method = cpu.read_converted(file, info, dtype, threads), "pread+convert"
+            out = pipe.load(file, info, to_dtype)
+            method = f"stream({pipe.backend.name}){'+cast' if to_dtype != info.torch_dtype else ''}"
+        elif to_dtype != info.torch_dtype and file.io == "mmap":
+            out, method = cpu.convert_mapped(file, info, to_dtype), "convert"
+        elif to_dtype != info.torch_dtype:
+            out, method = cpu.read_converted(file, info, to_dtype, threads), "pread+convert"
         elif file.io == "mmap":
             file.check_size(info.start + info.nbytes, info.name)  # a view of pages past the end would be a SIGBUS
             out, method = file.view(info), "zero-copy"

@@ -98,7 +98,7 @@ class SafetensorsFile:
         return sorted(self.tensors)
 
     def metadata(self) -> dict[str, str] | None:
-        return dict(self._metadata) if self._metadata else None
+        return dict(self._metadata) if self._metadata is not None else None
 
     def info(self, name: str) -> TensorInfo:
         """Where tensor ``name`` is; raises CheckpointContentError naming the file when it has no such tensor."""
@@ -160,8 +160,8 @@ class SafetensorsFile:
 
     def view(self, info: TensorInfo) -> torch.Tensor:
         """A zero-copy CPU view of one tensor (shares the file's pages until written)."""
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.torch_dtype)
+        if info.nbytes == 0:  # as safetensors makes it (torch.empty's strides overflow for absurd zero-size shapes)
+            return torch.empty(0, dtype=info.torch_dtype).reshape(info.shape)
         flat = torch.frombuffer(self.mapping(), dtype=torch.uint8, count=info.nbytes, offset=info.start)
         return flat.view(info.torch_dtype).view(info.shape)
 

@@ -25,7 +25,10 @@ from typing import Any
 from ..errors import CheckpointContentError, CheckpointFileError
 from .file import SafetensorsFile
 
-__all__ = ["INDEX_NAME", "WEIGHTS_NAME", "broken_entry", "check_folder", "read_weight_map", "weight_files"]
+__all__ = [
+    "INDEX_NAME", "WEIGHTS_NAME", "broken_entry", "check_folder", "leaves_folder", "read_weight_map",
+    "refuse_shards_outside", "weight_files",
+]  # fmt: skip
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -46,6 +49,34 @@ def broken_entry(path: str) -> str | None:
     if stat.S_ISDIR(mode):
         return "is a directory, not a file"
     return None if stat.S_ISREG(mode) else "is not a regular file"
+
+
+def leaves_folder(shard: str) -> str | None:
+    """Why the shard name ``shard`` from an index points outside the checkpoint folder, or None. Only the name is
+    judged: a file inside the folder may be a symbolic link to anywhere (the HF cache links into ``../../blobs``)."""
+    if os.path.isabs(shard) or shard.startswith(("/", "\\")):
+        return "is an absolute path"
+    if ".." in re.split(r"[/\\]", shard):
+        return "has a '..' component"
+    return None
+
+
+def refuse_shards_outside(index_path: str, weight_map: dict[str, Any]) -> None:
+    """Raises CheckpointContentError, naming the index, the shard and why, for a shard name that leaves the index's
+    folder: absolute, or with a ``..`` component (stricter than transformers, on purpose: an index could otherwise
+    load another model's files, e.g. from elsewhere in the HF cache)."""
+    by_shard: dict[Any, list[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(name)
+    for shard, names in by_shard.items():
+        escape = leaves_folder(shard) if isinstance(shard, str) else None
+        if escape is not None:
+            raise CheckpointContentError(
+                f"{index_path} names shard {shard!r} (holding e.g. {sorted(names)[:3]}), which {escape}: it would be "
+                f"read from outside {os.path.dirname(index_path)}. hf_fastload only reads shards inside the "
+                "checkpoint folder (an index could otherwise load another model's files, e.g. from elsewhere in the "
+                "HF cache); stock transformers would read it. Name the shard by its file name inside the folder."
+            )
 
 
 def read_weight_map(index_path: str) -> dict[str, Any]:
@@ -76,7 +107,8 @@ def check_folder(folder: str, open_file: Callable[[str], Any] | None = None) -> 
     """Checks a local checkpoint folder's safetensors files; returns the stray shard files (see below).
 
     - ``model.safetensors`` or the index that exists as a broken entry (a symlink loop, a dangling link, a directory);
-    - the index parses, and every shard it names exists and is readable;
+    - the index parses, and every shard it names is inside the folder (no absolute path, no ``..`` component; a shard
+      may be a symbolic link to elsewhere, as in the HF cache), exists and is readable;
     - every tensor the index places in a shard is in that shard's header (else transformers 5 would initialize it
       randomly as "missing", and 4.57 would return it on the meta device);
     - a file named like a shard (``*-00003-of-00004.safetensors``) that the index does not name is not loaded: its
@@ -100,6 +132,7 @@ def check_folder(folder: str, open_file: Callable[[str], Any] | None = None) -> 
     if not os.path.isfile(index_path):
         return []
     weight_map = read_weight_map(index_path)
+    refuse_shards_outside(index_path, weight_map)
     by_shard: dict[Any, list[str]] = {}
     for name, shard in weight_map.items():
         by_shard.setdefault(shard, []).append(name)
@@ -137,7 +170,7 @@ def weight_files(folder: str) -> list[str]:
     try:
         if os.path.isfile(index_path):
             shards = read_weight_map(index_path).values()
-            inside = {s for s in shards if isinstance(s, str) and not os.path.isabs(s) and ".." not in s.split("/")}
+            inside = {s for s in shards if isinstance(s, str) and leaves_folder(s) is None}
             return [os.path.join(folder, s) for s in sorted(inside)]
     except (CheckpointFileError, CheckpointContentError):
         return []

@@ -28,11 +28,12 @@ from typing import Any
 import transformers
 from huggingface_hub import try_to_load_from_cache
 from transformers.utils import logging
+from transformers.utils.hub import cached_file
 
 from ..engine.context import LoadContext
 from ..engine.knobs import settings
-from ..errors import FallbackRequiredError
-from ..format.index import INDEX_NAME, check_folder, weight_files
+from ..errors import FallbackRequiredError, FastLoadError
+from ..format.index import INDEX_NAME, check_folder, read_weight_map, refuse_shards_outside, weight_files
 from ..report import LoadReport, _set_last_report
 from . import compat, distributed
 from .checks import how_initialized, load_config, shape_error, verify
@@ -93,6 +94,26 @@ def _checkpoint_folder(source: str, kwargs: dict) -> str | None:
     return os.path.dirname(found) if isinstance(found, str) else None
 
 
+def _check_cached_index(repo_id: str, kwargs: dict) -> None:
+    """For a hub id: if its index is already in the HF cache, refuses shard names that leave its snapshot folder (an
+    index there could name another model's files in the same cache). Reads nothing from the network; what is not
+    cached yet, or cannot be looked up, is left to transformers."""
+    try:
+        hub = {k: kwargs[k] for k in ("cache_dir", "revision", "subfolder", "token") if kwargs.get(k) is not None}
+        index_path = cached_file(
+            repo_id, INDEX_NAME, local_files_only=True, _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False, **hub,
+        )  # fmt: skip
+    except Exception:  # not a repo id, a gated repo, ...: transformers says so in the load itself
+        return
+    if isinstance(index_path, str) and os.path.isfile(index_path):
+        try:
+            weight_map = read_weight_map(index_path)
+        except FastLoadError:  # a broken index: transformers reports it, as stock
+            return
+        refuse_shards_outside(index_path, weight_map)
+
+
 def _check_folder(folder: str, ctx: LoadContext) -> None:
     """:func:`~hf_fastload.format.index.check_folder` with the load's opener; warns about each stray shard."""
     for path in check_folder(folder, ctx.open):
@@ -147,6 +168,8 @@ def fast_load(
         reason = fallback_reason(source, kwargs, config)
         if reason is None and os.path.isdir(source):
             _check_folder(os.path.join(source, kwargs.get("subfolder") or ""), ctx)
+        elif reason is None:
+            _check_cached_index(source, kwargs)
     except BaseException:
         ctx.close()
         raise
