@@ -20,7 +20,15 @@ import threading
 import time
 from typing import Any
 
-from .errors import CheckpointContentError, CheckpointFileError, FallbackRequiredError, VerificationError
+from .errors import (
+    CheckpointContentError,
+    CheckpointFileError,
+    CheckpointIndexError,
+    CheckpointNotFoundError,
+    FallbackRequiredError,
+    ShapeMismatchError,
+    VerificationError,
+)
 from .report import LoadReport, _set_last_report
 
 __all__ = ["fast_from_pretrained"]
@@ -133,7 +141,7 @@ _SHARD_NAME = re.compile(r"-\d+-of-\d+\.safetensors$")
 
 def check_local_checkpoint(folder: str, ctx: Any = None) -> None:
     """Checks a local folder's safetensors files before a fast load; raises CheckpointFileError or
-    CheckpointContentError naming the file (and tensor) at fault.
+    CheckpointContentError naming the file (and tensor) at fault, an instance of the class stock raises where it does.
 
     - ``model.safetensors`` or the index that exists as a broken entry (a symlink loop, a dangling link, a directory);
     - the index parses, and every shard it names exists and is readable;
@@ -160,12 +168,14 @@ def check_local_checkpoint(folder: str, ctx: Any = None) -> None:
             index = json.load(fh)
         weight_map = index["weight_map"]
         shards = set(weight_map.values())
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointFileError(f"cannot read safetensors index {index_path}: {e}") from e
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointContentError(
-            f"invalid safetensors index {index_path}: expected a JSON object with a 'weight_map' of tensor name to "
-            f"shard file, found an error: {e!r}"
+    except OSError as e:
+        raise CheckpointFileError.matching(f"cannot read safetensors index {index_path}: {e}", e) from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # UnicodeDecodeError and JSONDecodeError too
+        # stock parses the index the same way and raises what the parse raised: so does this error
+        raise CheckpointIndexError.matching(
+            f"invalid safetensors index {index_path}: expected UTF-8 JSON, an object with a 'weight_map' of tensor "
+            f"name to shard file; found an error: {e!r}",
+            e,
         ) from None
     by_shard: dict[Any, list[str]] = {}
     for name, shard in weight_map.items():
@@ -173,9 +183,12 @@ def check_local_checkpoint(folder: str, ctx: Any = None) -> None:
     for shard in sorted(shards, key=str):
         names = sorted(by_shard[shard])
         path = os.path.join(folder, str(shard))
-        if not isinstance(shard, str) or not os.path.isfile(path):
-            why = (_broken_entry(path) if isinstance(shard, str) else None) or "does not exist"
-            raise CheckpointFileError(
+        if not isinstance(shard, str):  # stock fails joining it to the folder's path: a TypeError
+            message = f"invalid safetensors index {index_path}: shard {shard!r} (for e.g. {names[:3]}) is not a string"
+            raise CheckpointIndexError.matching(message, TypeError(message))
+        if not os.path.isfile(path):  # safetensors raises FileNotFoundError for every file it cannot open
+            why = _broken_entry(path) or "does not exist"
+            raise CheckpointNotFoundError(
                 f"{index_path} names shard {shard!r} (holding e.g. {names[:3]}) but {path} {why}"
             )
         handle = ctx.open(path) if ctx is not None else SafetensorsFile(path)  # reads and validates the header
@@ -199,10 +212,11 @@ def check_local_checkpoint(folder: str, ctx: Any = None) -> None:
         )
 
 
-def _shape_error(error: Exception, ctx, cls, source: str, kwargs: dict) -> CheckpointContentError | None:
-    """Turns transformers' size-mismatch error into ours, naming each tensor, its file, and both shapes."""
+def _shape_error(error: Exception, ctx, cls, source: str, kwargs: dict) -> ShapeMismatchError | None:
+    """Turns transformers' size-mismatch error (a RuntimeError) into ours, naming each tensor, its file, and both
+    shapes; ours is a RuntimeError too, so ``except RuntimeError`` still catches it."""
     text = str(error)
-    if "size mismatch" not in text and "mismatched" not in text.lower():
+    if not isinstance(error, RuntimeError) or ("size mismatch" not in text and "mismatched" not in text.lower()):
         return None
     expected: dict[str, tuple] = {}
     prefix = ""
@@ -214,6 +228,9 @@ def _shape_error(error: Exception, ctx, cls, source: str, kwargs: dict) -> Check
         if config is None or isinstance(config, (str, os.PathLike)):
             hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
             config = transformers.AutoConfig.from_pretrained(config or source, **hub)
+            for key, value in kwargs.items():  # as from_pretrained does: num_labels=42 sets the config's attribute
+                if key not in hub and key not in ("config", "dtype", "torch_dtype") and hasattr(config, key):
+                    setattr(config, key, value)
         with torch.device("meta"):
             meta = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
         expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
@@ -231,7 +248,7 @@ def _shape_error(error: Exception, ctx, cls, source: str, kwargs: dict) -> Check
                     )
                     break
     where = "; ".join(sorted(set(found))[:5]) if found else "(transformers' report above lists them)"
-    return CheckpointContentError(
+    return ShapeMismatchError(
         f"checkpoint tensor shapes do not match the model built from the config: {where}. "
         "Fix the config or the checkpoint, or pass ignore_mismatched_sizes=True to re-initialize those weights. "
         f"transformers said: {text}"

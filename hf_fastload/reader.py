@@ -14,8 +14,11 @@ no name listed twice with different entries, known dtype names, integer shapes, 
 offsets inside the data region, no overlaps. Tensors may be listed in any order, and gaps between them are allowed.
 A mapped read checks first that the file has not shrunk since it was opened (touching a mapped page past the end of
 a file is a SIGBUS, which kills the process).
-Every problem raises :class:`~hf_fastload.errors.CheckpointFileError` (an ``OSError``) or
-:class:`~hf_fastload.errors.CheckpointContentError` (a ``ValueError``) naming the file and the tensor.
+Every problem raises an error naming the file and the tensor that is an instance of what ``safe_open`` raises:
+:class:`~hf_fastload.errors.InvalidSafetensorsError` (a ``ValueError``) for an invalid header and
+:class:`~hf_fastload.errors.TruncatedSafetensorsError` (an ``OSError``) for a file shorter than its header says, both
+``safetensors.SafetensorError``; :class:`~hf_fastload.errors.CheckpointNotFoundError` (a ``FileNotFoundError``) for a
+file that cannot be opened.
 
 Tensors come back in one of two ways, picked by ``io``:
 
@@ -38,7 +41,13 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointContentError, CheckpointFileError
+from .errors import (
+    CheckpointFileError,
+    CheckpointNotFoundError,
+    DuplicateTensorError,
+    InvalidSafetensorsError,
+    TruncatedSafetensorsError,
+)
 
 __all__ = ["DTYPES", "SafetensorsFile", "TensorInfo", "TensorSlice", "parse_header", "pread_into"]
 
@@ -93,9 +102,11 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-def _content_error(path: str, what: str, tensor: str | None = None) -> CheckpointContentError:
+def _content_error(
+    path: str, what: str, tensor: str | None = None, cls: type[InvalidSafetensorsError] = InvalidSafetensorsError
+) -> InvalidSafetensorsError:
     where = f"{path}: tensor {tensor!r}: " if tensor is not None else f"{path}: "
-    return CheckpointContentError(f"invalid safetensors file {where}{what}")
+    return cls(f"invalid safetensors file {where}{what}")
 
 
 def _brief(value: Any, limit: int = 200) -> str:
@@ -133,12 +144,12 @@ def parse_header(path: str, raw_prefix: bytes, file_size: int, read_header) -> t
         `(tensors, metadata)`: `TensorInfo` by name, in file order, and the `__metadata__` mapping (or `{}`).
     """
     if file_size < _HEADER_PREFIX:
-        raise CheckpointFileError(
+        raise TruncatedSafetensorsError(
             f"truncated safetensors file {path}: {file_size} bytes, expected at least 8 (the header length)"
         )
     (header_len,) = struct.unpack("<Q", raw_prefix)
     if header_len > file_size - _HEADER_PREFIX:
-        raise CheckpointFileError(
+        raise TruncatedSafetensorsError(
             f"truncated safetensors file {path}: the header claims {header_len} bytes but only "
             f"{file_size - _HEADER_PREFIX} follow the length prefix"
         )
@@ -146,7 +157,9 @@ def parse_header(path: str, raw_prefix: bytes, file_size: int, read_header) -> t
         raise _content_error(path, f"header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
     raw = read_header(header_len)
     if len(raw) != header_len:
-        raise CheckpointFileError(f"truncated safetensors file {path}: read {len(raw)} of {header_len} header bytes")
+        raise TruncatedSafetensorsError(
+            f"truncated safetensors file {path}: read {len(raw)} of {header_len} header bytes"
+        )
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_JSONObject.from_pairs)
     except UnicodeDecodeError as e:
@@ -162,6 +175,7 @@ def parse_header(path: str, raw_prefix: bytes, file_size: int, read_header) -> t
             f"listed twice in the header with different entries ({_brief(first)} and {_brief(last)}); "
             "the file is ambiguous (safetensors itself would silently take the last)",
             key,
+            DuplicateTensorError,
         )
 
     data_start = _HEADER_PREFIX + header_len
@@ -207,7 +221,7 @@ def parse_header(path: str, raw_prefix: bytes, file_size: int, read_header) -> t
                 name,
             )
         if end > data_len:
-            raise CheckpointFileError(
+            raise TruncatedSafetensorsError(
                 f"truncated safetensors file {path}: tensor {name!r} ends at data offset {end} but the data region "
                 f"holds {data_len} bytes"
             )
@@ -227,19 +241,20 @@ def parse_header(path: str, raw_prefix: bytes, file_size: int, read_header) -> t
 
 
 def pread_into(fd: int, path: str, buffer: memoryview, offset: int, tensor: str | None = None) -> None:
-    """Fills ``buffer`` from ``fd`` at ``offset``; a short read (the file shrank) raises CheckpointFileError."""
+    """Fills ``buffer`` from ``fd`` at ``offset``; a short read (the file shrank) raises TruncatedSafetensorsError."""
     done, total = 0, len(buffer)
     while done < total:
         try:
             n = os.preadv(fd, [buffer[done:]], offset + done)
         except OSError as e:
-            raise CheckpointFileError(f"cannot read {path} (tensor {tensor!r}) at offset {offset + done}: {e}") from e
+            message = f"cannot read {path} (tensor {tensor!r}) at offset {offset + done}: {e}"
+            raise CheckpointFileError.matching(message, e) from e  # keeps the class: IsADirectoryError, ...
         if n == 0:
             try:
                 ends = f"the file ends at {os.fstat(fd).st_size}"
             except OSError:
                 ends = f"no bytes could be read at offset {offset + done}"
-            raise CheckpointFileError(
+            raise TruncatedSafetensorsError(
                 f"truncated safetensors file {path}: tensor {tensor!r} needs bytes up to offset {offset + total}, "
                 f"{ends} (truncated while it was being loaded?)"
             )
@@ -274,15 +289,19 @@ class SafetensorsFile:
         try:
             self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as e:
-            raise CheckpointFileError(f"cannot open safetensors file {self.path}: {e.strerror or e}") from e
+            # safe_open raises FileNotFoundError for every file it cannot open (missing, permission denied, ...)
+            raise CheckpointNotFoundError(f"cannot open safetensors file {self.path}: {e.strerror or e}") from e
         try:
             self.size = os.fstat(self.fd).st_size
             prefix = os.pread(self.fd, _HEADER_PREFIX, 0) if self.size >= _HEADER_PREFIX else b""
             self.tensors, self._metadata = parse_header(
                 self.path, prefix, self.size, lambda n: os.pread(self.fd, n, _HEADER_PREFIX)
             )
-        except BaseException:
+        except BaseException as e:
             os.close(self.fd)
+            if isinstance(e, OSError) and not isinstance(e, CheckpointFileError):  # a directory, an I/O error
+                message = f"cannot read safetensors file {self.path}: {e.strerror or e}"
+                raise CheckpointFileError.matching(message, e) from e
             raise
         self.data_end = max((info.start + info.nbytes for info in self.tensors.values()), default=0)
         self._ended = False  # closed by its owning load: no tensor may be read any more
@@ -322,7 +341,7 @@ class SafetensorsFile:
         try:
             return self.tensors[name]
         except KeyError:
-            raise CheckpointContentError(f"{self.path}: no tensor named {name!r} in this file") from None
+            raise InvalidSafetensorsError(f"{self.path}: no tensor named {name!r} in this file") from None
 
     def _fd(self) -> int:
         if self.fd < 0:  # reopened on demand: transformers closes handles before every tensor is materialized
@@ -344,7 +363,7 @@ class SafetensorsFile:
         return self._mmap
 
     def check_size(self, end: int, tensor: str | None = None) -> None:
-        """Raises CheckpointFileError if the file now holds fewer than ``end`` bytes.
+        """Raises TruncatedSafetensorsError if the file now holds fewer than ``end`` bytes.
 
         Another process may truncate or rewrite the file while it is mapped; touching a mapped page past the file's
         new end kills this process with SIGBUS. Mapped reads call this first (one ``fstat``).
@@ -352,7 +371,7 @@ class SafetensorsFile:
         size = os.fstat(self._fd()).st_size
         if size < end:
             what = f"tensor {tensor!r} needs bytes up to offset {end}" if tensor else f"its data ends at offset {end}"
-            raise CheckpointFileError(
+            raise TruncatedSafetensorsError(
                 f"safetensors file {self.path} shrank while it was being loaded: {what}, the file now ends at {size} "
                 f"(it had {self.size} bytes when opened); was it truncated or rewritten in place by another process?"
             )

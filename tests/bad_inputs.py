@@ -1,0 +1,337 @@
+"""The bad-input catalogue: each case is a function that damages a fresh tiny llama checkpoint in place.
+
+Example:
+    ```python
+    from bad_inputs import CASES, fresh
+
+    case = CASES["unknown_dtype"]
+    folder = case.damage(fresh(tmp_path, case))  # then load it with stock and with hf_fastload
+    ```
+
+``tests/test_bad_input.py`` checks our messages case by case; ``tests/test_stock_exceptions.py`` runs stock
+``from_pretrained`` and ``fast_from_pretrained`` on every case and compares the exception classes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import transformers
+from models import build_checkpoint
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def weights(folder: str) -> str:
+    return os.path.join(folder, WEIGHTS)
+
+
+def read(path: str) -> tuple[dict, bytes]:
+    """(header, data region) of a safetensors file."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def write(path: str, header, data: bytes, pad: bool = True) -> None:
+    blob = json.dumps(header).encode()
+    if pad:
+        blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)) + blob + data)
+
+
+def write_raw_header(path: str, blob: bytes) -> None:
+    """Replaces the header of ``path`` by the bytes ``blob`` (padded to 8 with spaces), keeping the data region."""
+    _, data = read(path)
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)) + blob + data)
+
+
+def edit_header(path: str, edit: Callable[[dict], None]) -> None:
+    header, data = read(path)
+    edit(header)
+    write(path, header, data)
+
+
+def write_with_extra_entry(path: str, name: str, entry: dict) -> dict:
+    """Rewrites ``path`` with a second header entry for ``name`` (the JSON text lists the key twice)."""
+    header, data = read(path)
+    blob = (json.dumps(header)[:-1] + ", " + json.dumps({name: entry})[1:-1] + "}").encode()
+    assert blob.count(json.dumps(name).encode()) == 2
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)) + blob + data)
+    return header
+
+
+def weight_map(folder: str) -> dict[str, str]:
+    with open(os.path.join(folder, INDEX)) as fh:
+        return json.load(fh)["weight_map"]
+
+
+def shard_of(folder: str, tensor: str) -> str:
+    return os.path.join(folder, weight_map(folder)[tensor])
+
+
+def _edit_tensor(folder: str, **changes) -> str:
+    path = weights(folder)
+    edit_header(path, lambda h: h["model.norm.weight"].update(changes))
+    return path
+
+
+# --- the damages: each takes a fresh checkpoint folder and returns the path at fault ------------------------------
+
+
+def truncated_in_data(folder):
+    path = weights(folder)
+    os.truncate(path, os.path.getsize(path) - 100)
+    return path
+
+
+def truncated_inside_header(folder):
+    path = weights(folder)
+    os.truncate(path, 20)
+    return path
+
+
+def header_length_past_end(folder):
+    path = weights(folder)
+    with open(path, "r+b") as fh:
+        fh.write(struct.pack("<Q", 10**12))
+    return path
+
+
+def empty_file(folder):
+    path = weights(folder)
+    open(path, "wb").close()
+    return path
+
+
+def garbage_header(folder):
+    path = weights(folder)
+    write_raw_header(path, b"{not json")
+    return path
+
+
+def non_utf8_header(folder):
+    path = weights(folder)
+    write_raw_header(path, b'{"\xff\xfe": 1}')
+    return path
+
+
+def header_is_not_an_object(folder):
+    path = weights(folder)
+    write(path, [1, 2, 3], read(path)[1])
+    return path
+
+
+def metadata_not_strings(folder):
+    path = weights(folder)
+    edit_header(path, lambda h: h.update(__metadata__={"format": {"nested": 1}}))
+    return path
+
+
+def unknown_dtype(folder):
+    return _edit_tensor(folder, dtype="F42")
+
+
+def byte_length_disagrees_with_shape(folder):
+    return _edit_tensor(folder, shape=[7, 3])
+
+
+def negative_shape(folder):
+    return _edit_tensor(folder, shape=[-1, 4])
+
+
+def fractional_shape(folder):
+    return _edit_tensor(folder, shape=[2.5])
+
+
+def shape_not_a_list(folder):
+    return _edit_tensor(folder, shape="x")
+
+
+def offsets_out_of_range(folder):
+    path = weights(folder)
+
+    def edit(h):
+        begin, end = h["model.norm.weight"]["data_offsets"]
+        h["model.norm.weight"]["data_offsets"] = [begin + 10**9, end + 10**9]
+
+    edit_header(path, edit)
+    return path
+
+
+def offsets_end_before_begin(folder):
+    path = weights(folder)
+
+    def edit(h):
+        begin, end = h["model.norm.weight"]["data_offsets"]
+        h["model.norm.weight"]["data_offsets"] = [end, begin]
+
+    edit_header(path, edit)
+    return path
+
+
+def overlapping_offsets(folder):
+    path = weights(folder)
+
+    def edit(h):
+        h["model.norm.weight"]["data_offsets"] = list(h["lm_head.weight"]["data_offsets"])
+        h["model.norm.weight"]["shape"] = h["lm_head.weight"]["shape"]
+
+    edit_header(path, edit)
+    return path
+
+
+def duplicate_name_different_entries(folder):
+    """json.loads and safetensors keep the last of two equal keys, here a wrong one (I32 for an F32 tensor): stock 5.x
+    loads the integers as floats, 4.57 fails on them (RuntimeError). We refuse the ambiguous file."""
+    path = weights(folder)
+    header, _ = read(path)
+    write_with_extra_entry(path, "model.norm.weight", dict(header["model.norm.weight"], dtype="I32"))
+    return path
+
+
+def duplicate_name_first_entry_differs(folder):
+    """Two entries for one tensor, the last one right: stock loads it. We refuse the ambiguous file all the same."""
+    path = weights(folder)
+    header, data = read(path)
+    entry = header.pop("model.norm.weight")
+    blob = json.dumps(header)[:-1] + ", " + json.dumps({"model.norm.weight": dict(entry, dtype="I32")})[1:-1]
+    write_raw_header(path, (blob + ", " + json.dumps({"model.norm.weight": entry})[1:-1] + "}").encode())
+    return path
+
+
+def shape_disagrees_with_config(folder):
+    config = transformers.AutoConfig.from_pretrained(folder)
+    config.intermediate_size = 48  # the checkpoint's MLP weights are 64 wide
+    config.save_pretrained(folder)
+    return weights(folder)
+
+
+def no_weights_at_all(folder):
+    os.remove(weights(folder))
+    return folder
+
+
+def symlink_loop(folder):
+    path = weights(folder)
+    os.remove(path)
+    os.symlink(WEIGHTS, path)
+    return path
+
+
+def dangling_symlink(folder):
+    path = weights(folder)
+    os.remove(path)
+    os.symlink(os.path.join(os.path.dirname(folder), "gone.safetensors"), path)
+    return path
+
+
+def weights_name_is_a_directory(folder):
+    path = weights(folder)
+    os.remove(path)
+    os.mkdir(path)
+    return path
+
+
+def shard_named_in_index_is_missing(folder):
+    shard = os.path.join(folder, sorted(set(weight_map(folder).values()))[-1])
+    os.remove(shard)
+    return shard
+
+
+def index_is_not_json(folder):
+    index = os.path.join(folder, INDEX)
+    with open(index, "w") as fh:
+        fh.write("{'weight_map': ")
+    return index
+
+
+def tensor_in_index_absent_from_its_shard(folder):
+    """The shard is rewritten (a valid safetensors file) without one tensor that the index still places in it."""
+    from safetensors.torch import load_file, save_file
+
+    shard = shard_of(folder, "model.norm.weight")
+    tensors = load_file(shard)
+    del tensors["model.norm.weight"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return shard
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: ``damage(folder)`` breaks a fresh checkpoint (sharded or not) and returns the path at fault.
+
+    ``stock_loads`` names the transformers lines (``"4.57"``, ``"5"``) on which stock ``from_pretrained`` returns a
+    model where hf_fastload raises by design; ``why`` says why.
+    """
+
+    damage: Callable[[str], str]
+    sharded: bool = False
+    stock_loads: tuple[str, ...] = ()
+    why: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.damage.__name__
+
+
+_TABLE = [
+    Case(truncated_in_data),
+    Case(truncated_inside_header),
+    Case(header_length_past_end),
+    Case(empty_file),
+    Case(garbage_header),
+    Case(non_utf8_header),
+    Case(header_is_not_an_object),
+    Case(metadata_not_strings),
+    Case(unknown_dtype),
+    Case(byte_length_disagrees_with_shape),
+    Case(negative_shape),
+    Case(fractional_shape),
+    Case(shape_not_a_list),
+    Case(offsets_out_of_range),
+    Case(offsets_end_before_begin),
+    Case(overlapping_offsets),
+    Case(shape_disagrees_with_config),
+    Case(no_weights_at_all),
+    Case(symlink_loop),
+    Case(dangling_symlink),
+    Case(weights_name_is_a_directory),
+    Case(shard_named_in_index_is_missing, sharded=True),
+    Case(index_is_not_json, sharded=True),
+    Case(
+        duplicate_name_different_entries,
+        stock_loads=("5",),
+        why="an ambiguous file: safetensors silently keeps the last entry, here integers that 5.x casts to floats",
+    ),
+    Case(
+        duplicate_name_first_entry_differs,
+        stock_loads=("4.57", "5"),
+        why="an ambiguous file: safetensors silently keeps the last entry, whichever its writer meant",
+    ),
+    Case(
+        tensor_in_index_absent_from_its_shard,
+        sharded=True,
+        stock_loads=("4.57", "5"),
+        why="stock 5.x initializes the tensor randomly (a MISSING key), 4.57 leaves it on the meta device: "
+        "a model nobody saved",
+    ),
+]
+CASES: dict[str, Case] = {case.name: case for case in _TABLE}
+
+
+def fresh(tmp_path, case: Case, dtype: torch.dtype = torch.float32) -> str:
+    """A fresh llama checkpoint for ``case`` under ``tmp_path`` (sharded if the case needs an index)."""
+    return build_checkpoint("llama", str(tmp_path / case.name), dtype, sharded=case.sharded)
