@@ -167,7 +167,8 @@ def _arch_configs() -> dict:
         "qwen2": t.Qwen2Config(**decoder),
         "mixtral": t.MixtralConfig(**decoder, num_local_experts=2, num_experts_per_tok=1),
         "gpt2": t.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=64),
-        "bert": t.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **small),
+        "bert": t.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             **small),
         "t5": t.T5Config(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8, vocab_size=96,
                          decoder_start_token_id=0),
     }  # fmt: skip
@@ -203,10 +204,10 @@ def test_mismatched_shapes_raise_and_load_as_stock(tmp_path, arch):
     model.save_pretrained(tmp_path)
     base = transformers.AutoConfig.from_pretrained(tmp_path)
     base.get_text_config().vocab_size = 10
-    head = transformers.AutoModelForSequenceClassification
+    head, body = transformers.AutoModelForSequenceClassification, transformers.AutoModel
     loads = {
         "auto class, num_labels=42": lambda: head.from_pretrained(tmp_path, num_labels=42),
-        "AutoModel, vocab_size=10": lambda: transformers.AutoModel.from_pretrained(tmp_path, config=base),
+        "AutoModel, vocab_size=10": lambda: body.from_pretrained(tmp_path, config=base),
         "concrete class, num_labels=42": lambda: cls.from_pretrained(tmp_path, num_labels=42),
     }
     for what, load in loads.items():
@@ -220,8 +221,8 @@ def test_mismatched_shapes_raise_and_load_as_stock(tmp_path, arch):
 
     ignoring = {
         "auto class": lambda: head.from_pretrained(tmp_path, num_labels=42, ignore_mismatched_sizes=True),
-        "AutoModel": lambda: transformers.AutoModel.from_pretrained(tmp_path, config=base, ignore_mismatched_sizes=True),
-    }  # fmt: skip
+        "AutoModel": lambda: body.from_pretrained(tmp_path, config=base, ignore_mismatched_sizes=True),
+    }
     for what, load in ignoring.items():
         stock = []
         for _ in range(2):
