@@ -258,6 +258,31 @@ def index_is_not_json(folder):
     return index
 
 
+def _edit_index(folder, edit) -> str:
+    index = os.path.join(folder, INDEX)
+    with open(index) as fh:
+        content = json.load(fh)
+    with open(index, "wb") as fh:
+        fh.write(edit(content))
+    return index
+
+
+def index_without_weight_map(folder):
+    return _edit_index(folder, lambda index: json.dumps({"metadata": index["metadata"]}).encode())
+
+
+def index_not_utf8(folder):
+    return _edit_index(folder, lambda index: b"\xff\xfe" + json.dumps(index).encode())
+
+
+def index_shard_name_not_a_string(folder):
+    def edit(index):
+        index["weight_map"]["model.norm.weight"] = 3
+        return json.dumps(index).encode()
+
+    return _edit_index(folder, edit)
+
+
 def tensor_in_index_absent_from_its_shard(folder):
     """The shard is rewritten (a valid safetensors file) without one tensor that the index still places in it."""
     from safetensors.torch import load_file, save_file
@@ -311,6 +336,9 @@ _TABLE = [
     Case(weights_name_is_a_directory),
     Case(shard_named_in_index_is_missing, sharded=True),
     Case(index_is_not_json, sharded=True),
+    Case(index_without_weight_map, sharded=True),
+    Case(index_not_utf8, sharded=True),
+    Case(index_shard_name_not_a_string, sharded=True),
     Case(
         duplicate_name_different_entries,
         stock_loads=("5",),

@@ -245,6 +245,23 @@ def test_index_is_not_json(tmp_path):
     assert "line 1 column 2" in message
 
 
+@pytest.mark.parametrize(
+    "bad, stock_class",
+    [
+        (damage.index_without_weight_map, KeyError),
+        (damage.index_not_utf8, UnicodeDecodeError),
+        (damage.index_shard_name_not_a_string, TypeError),
+    ],
+)
+def test_index_unusable(tmp_path, bad, stock_class):
+    """The error is also what stock's own parse of the index raises, with our message naming the index."""
+    folder, _ = _sharded(tmp_path)
+    index = bad(folder)
+    expect(folder, CheckpointIndexError, index, "invalid safetensors index")
+    with pytest.raises(stock_class):
+        _load(folder)
+
+
 def test_shard_the_index_does_not_name_warns_and_loads(tmp_path, monkeypatch):
     folder, weight_map = _sharded(tmp_path)
     stray = os.path.join(folder, "model-00007-of-00009.safetensors")

@@ -307,6 +307,7 @@ BAD_INPUT_TESTS = {
     "test_metadata_not_strings": ["metadata_not_strings"],
     "test_tensor_in_index_absent_from_its_shard": ["tensor_in_index_absent_from_its_shard"],
     "test_index_is_not_json": ["index_is_not_json"],
+    "test_index_unusable": ["index_without_weight_map", "index_not_utf8", "index_shard_name_not_a_string"],
     "test_shard_the_index_does_not_name_warns_and_loads": "loads, as with stock",
     "test_no_weights_at_all": ["no_weights_at_all"],
     "test_symlink_loop": ["symlink_loop"],
