@@ -11,10 +11,10 @@ Example:
         print(type(e).__name__, e)  # InvalidSafetensorsError invalid safetensors file ./broken-llama/...: ...
     ```
 
-Every error subclasses :class:`FastLoadError` and one of the two broad classes, :class:`CheckpointFileError` (an
+Every error subclasses :class:`FastLoadError`; one about a checkpoint also subclasses :class:`CheckpointFileError` (an
 ``OSError``: missing, unreadable, truncated files) or :class:`CheckpointContentError` (a ``ValueError``: bad
-content); and it is an instance of the class that stock ``from_pretrained`` raises for the same input, on both
-supported transformers lines, so that existing ``except`` clauses keep catching it:
+content), and it is an instance of the class that stock ``from_pretrained`` raises for the same input, on every
+supported transformers line, so that existing ``except`` clauses keep catching it:
 
 - :class:`InvalidSafetensorsError` (a file safetensors refuses: header, dtype, shape, offsets) and
   :class:`TruncatedSafetensorsError` (a file shorter than its header says): ``safetensors.SafetensorError``;
