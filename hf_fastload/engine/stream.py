@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointFileError, FastLoadError
+from ..errors import CheckpointFileError, FastLoadError, TruncatedSafetensorsError
 from ..format.file import SafetensorsFile
 from ..format.header import TensorInfo
 from .backends import Backend
@@ -194,11 +194,11 @@ class Pipeline:
             try:
                 got = os.preadv(fd, [buf[done:]], first + done)
             except OSError as e:
-                raise CheckpointFileError(
-                    f"cannot read {file.path} (tensor {info.name!r}) with O_DIRECT at offset {first + done}: {e}"
+                raise CheckpointFileError.matching(
+                    f"cannot read {file.path} (tensor {info.name!r}) with O_DIRECT at offset {first + done}: {e}", e
                 ) from e
             if got == 0:
-                raise CheckpointFileError(
+                raise TruncatedSafetensorsError(
                     f"truncated safetensors file {file.path}: tensor {info.name!r} needs bytes up to offset "
                     f"{begin + n}, the file ended at {first + done}"
                 )

@@ -35,7 +35,12 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointContentError, CheckpointFileError
+from ..errors import (
+    DuplicateTensorError,
+    InvalidSafetensorsError,
+    TruncatedSafetensorsError,
+    UnreadableTensorError,
+)
 from .jsonrules import (
     MAX_DEPTH,
     U64,
@@ -112,7 +117,7 @@ class TensorInfo:
         """Raises CheckpointContentError naming ``path`` and this tensor if torch cannot hold it (safetensors refuses
         to read it too); the file itself is valid."""
         if self.unreadable is not None:
-            raise _content_error(path, self.unreadable, self.name)
+            raise _content_error(path, self.unreadable, self.name, UnreadableTensorError)
 
     @property
     def header_shape(self) -> tuple[int, ...]:
@@ -120,9 +125,11 @@ class TensorInfo:
         return (*self.shape[:-1], self.shape[-1] * 2) if self.dtype == "F4" and not self.unreadable else self.shape
 
 
-def _content_error(path: str, what: str, tensor: str | None = None) -> CheckpointContentError:
+def _content_error(
+    path: str, what: str, tensor: str | None = None, cls: type[InvalidSafetensorsError] = InvalidSafetensorsError
+) -> InvalidSafetensorsError:
     where = f"{path}: tensor {tensor!r}: " if tensor is not None else f"{path}: "
-    return CheckpointContentError(f"invalid safetensors file {where}{what}")
+    return cls(f"invalid safetensors file {where}{what}")
 
 
 def _brief(value: Any, limit: int = 200) -> str:
@@ -249,7 +256,7 @@ def _tensor_info(path: str, name: str, entry: Any, data_start: int, data_len: in
             name,
         )
     if end > data_len:
-        raise CheckpointFileError(
+        raise TruncatedSafetensorsError(
             f"truncated safetensors file {path}: tensor {name!r} ends at data offset {end} but the data region "
             f"holds {data_len} bytes"
         )
@@ -285,12 +292,12 @@ def parse_header(
         header has none, or gives null).
     """
     if file_size < HEADER_PREFIX:
-        raise CheckpointFileError(
+        raise TruncatedSafetensorsError(
             f"truncated safetensors file {path}: {file_size} bytes, expected at least 8 (the header length)"
         )
     (header_len,) = struct.unpack("<Q", raw_prefix)
     if header_len > file_size - HEADER_PREFIX:
-        raise CheckpointFileError(
+        raise TruncatedSafetensorsError(
             f"truncated safetensors file {path}: the header claims {header_len} bytes but only "
             f"{file_size - HEADER_PREFIX} follow the length prefix"
         )
@@ -298,7 +305,9 @@ def parse_header(
         raise _content_error(path, f"header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
     raw = read_header(header_len)
     if len(raw) != header_len:
-        raise CheckpointFileError(f"truncated safetensors file {path}: read {len(raw)} of {header_len} header bytes")
+        raise TruncatedSafetensorsError(
+            f"truncated safetensors file {path}: read {len(raw)} of {header_len} header bytes"
+        )
     header = _decode(path, raw)
     if not isinstance(header, dict):
         raise _content_error(path, f"header must be a JSON object, found {type(header).__name__}")
@@ -312,6 +321,7 @@ def parse_header(
                 f"listed twice in the header with different entries ({_brief(first)} and {_brief(last)}); "
                 "the file is ambiguous (safetensors itself would silently take the last)",
                 key,
+                DuplicateTensorError,
             )
 
     metadata = header.pop("__metadata__", None)

@@ -22,7 +22,12 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import CheckpointContentError, CheckpointFileError
+from ..errors import (
+    CheckpointContentError,
+    CheckpointFileError,
+    CheckpointIndexError,
+    CheckpointNotFoundError,
+)
 from .file import SafetensorsFile
 
 __all__ = [
@@ -83,22 +88,24 @@ def read_weight_map(index_path: str) -> dict[str, Any]:
     """The ``weight_map`` (tensor name -> shard file) of a safetensors index.
 
     Raises:
-        `CheckpointFileError`: the index cannot be read.
-        `CheckpointContentError`: it is not a JSON object with a ``weight_map`` object.
+        `CheckpointFileError`: the index cannot be read (of the ``OSError`` class reading it raised).
+        `CheckpointIndexError`: it is not UTF-8 JSON, an object with a ``weight_map`` object whose values can be
+            collected (as stock parses it, and of the class that parse raises: ``json.JSONDecodeError``,
+            ``KeyError``, ``AttributeError``, ...).
     """
     try:
         with open(index_path, encoding="utf-8") as fh:
             index = json.load(fh)
         weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError(f"'weight_map' is a {type(weight_map).__name__}, not an object")
-        set(weight_map.values())  # a shard named by a list or an object: TypeError, an invalid index
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointFileError(f"cannot read safetensors index {index_path}: {e}") from e
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointContentError(
-            f"invalid safetensors index {index_path}: expected a JSON object with a 'weight_map' of tensor name to "
-            f"shard file, found an error: {e!r}"
+        set(weight_map.values())  # what stock does with it: not an object, or a shard named by a list, raises here
+    except OSError as e:
+        raise CheckpointFileError.matching(f"cannot read safetensors index {index_path}: {e}", e) from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # UnicodeDecodeError and JSONDecodeError too
+        # stock parses the index the same way and raises what the parse raised: so does this error
+        raise CheckpointIndexError.matching(
+            f"invalid safetensors index {index_path}: expected UTF-8 JSON, an object with a 'weight_map' of tensor "
+            f"name to shard file; found an error: {e!r}",
+            e,
         ) from None
     return weight_map
 
@@ -122,7 +129,8 @@ def check_folder(folder: str, open_file: Callable[[str], Any] | None = None) -> 
             each shard is opened, validated and closed.
 
     Raises:
-        `CheckpointFileError`, `CheckpointContentError`: naming the file (and tensor) at fault.
+        `CheckpointFileError`, `CheckpointContentError`: naming the file (and tensor) at fault; where stock fails on
+            the same folder, an instance of the class it raises (see :mod:`hf_fastload.errors`).
     """
     index_path = os.path.join(folder, INDEX_NAME)
     for path in (os.path.join(folder, WEIGHTS_NAME), index_path):
@@ -139,9 +147,12 @@ def check_folder(folder: str, open_file: Callable[[str], Any] | None = None) -> 
     for shard in sorted(by_shard, key=str):
         names = sorted(by_shard[shard])
         path = os.path.join(folder, str(shard))
-        if not isinstance(shard, str) or not os.path.isfile(path):
-            why = (broken_entry(path) if isinstance(shard, str) else None) or "does not exist"
-            raise CheckpointFileError(
+        if not isinstance(shard, str):  # stock fails joining it to the folder's path: a TypeError
+            message = f"invalid safetensors index {index_path}: shard {shard!r} (for e.g. {names[:3]}) is not a string"
+            raise CheckpointIndexError.matching(message, TypeError(message))
+        if not os.path.isfile(path):  # safetensors raises FileNotFoundError for every file it cannot open
+            why = broken_entry(path) or "does not exist"
+            raise CheckpointNotFoundError(
                 f"{index_path} names shard {shard!r} (holding e.g. {names[:3]}) but {path} {why}"
             )
         if open_file is None:

@@ -51,8 +51,9 @@ __all__ = ["TRANSFORMERS_V5", "TRANSFORMERS_VERSION", "active_context", "hooks"]
 
 TRANSFORMERS_VERSION = version.parse(transformers.__version__)
 TRANSFORMERS_V5 = TRANSFORMERS_VERSION.major >= 5
-# Keyword arguments of from_pretrained that only 5.x knows.
-HAS_DISABLE_MMAP = TRANSFORMERS_V5
+# Keyword arguments of from_pretrained that only newer versions know: disable_mmap came with 5.6.0 (before it, stock
+# hands it to the model's __init__, which refuses it, and so do we).
+HAS_DISABLE_MMAP = version.parse(TRANSFORMERS_VERSION.base_version) >= version.parse("5.6")
 
 _local = threading.local()
 
