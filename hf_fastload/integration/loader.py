@@ -34,7 +34,7 @@ from ..errors import FallbackRequiredError
 from ..format.index import INDEX_NAME, check_folder
 from ..report import LoadReport, _set_last_report
 from . import compat, distributed
-from .checks import how_initialized, load_config, shape_error, verify
+from .checks import adapter_base, how_initialized, load_config, shape_error, verify
 from .fallback import env_true, fallback_reason
 from .inference import inference_mode
 
@@ -135,12 +135,15 @@ def fast_load(
         prefer_pread, kwargs["disable_mmap"] = True, False  # we read with pread; stock would read whole files
     ctx = LoadContext(io=knobs["io"], threads=knobs["threads"], prefer_pread=prefer_pread)
     ctx.readahead = not distributed.tp_requested(kwargs)  # a tensor-parallel rank reads only its own shards
-    if os.path.isdir(source):
-        try:
-            _check_folder(os.path.join(source, kwargs.get("subfolder") or ""), ctx)
-        except BaseException:
-            ctx.close()
-            raise
+    adapter_path = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")  # transformers pops it
+    base = adapter_base(source, kwargs)  # a PEFT adapter folder: its base model's folder is checked too
+    try:
+        for folder in (source, base):
+            if folder is not None and os.path.isdir(folder):
+                _check_folder(os.path.join(folder, kwargs.get("subfolder") or ""), ctx)
+    except BaseException:
+        ctx.close()
+        raise
     t_build = time.perf_counter()
     try:
         with LOAD_LOCK, compat.hooks(ctx), _inside():
@@ -177,6 +180,9 @@ def fast_load(
         _logger().warning(f"hf_fastload: {source}: fell back to stock from_pretrained: {why}")
 
     verify(model, info, ctx)
+    report.quantization = _quantization(model)
+    if getattr(model, "_hf_peft_config_loaded", False):  # transformers loaded a PEFT adapter on top of the base
+        report.adapter = os.fspath(adapter_path or source)
     report.missing_keys = how_initialized(model, sorted(info.get("missing_keys") or []))
     report.unexpected_keys = sorted(info.get("unexpected_keys") or [])
     mismatched = info.get("mismatched_keys") or []
@@ -194,6 +200,19 @@ def fast_load(
     _finished(report)
     _inference(model, inference)
     return (model, info) if want_info else model
+
+
+def _quantization(model) -> str | None:
+    """How the model is quantized, from the quantizer transformers attached: method, bits, and whether the checkpoint
+    was pre-quantized or quantized on load; None for a model without one."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return None
+    qc = quantizer.quantization_config
+    method = str(getattr(qc.quant_method, "value", qc.quant_method))
+    if getattr(qc, "load_in_4bit", False) or getattr(qc, "load_in_8bit", False):
+        method += " 4-bit" if qc.load_in_4bit else " 8-bit"
+    return f"{method}, {'pre-quantized' if quantizer.pre_quantized else 'quantized on load'}"
 
 
 def _fallback(load, source, model_args, kwargs, report, reason, strict, t0):
