@@ -1,9 +1,10 @@
 """Quantized models on the fast path: the checkpoint's bytes go through hf_fastload, transformers' quantizer makes
 the quantized tensors, and the model is stock's, quantization state included.
 
-bitsandbytes on the CPU (``device_map="cpu"``): 4-bit (fp4, nf4, nested) and 8-bit quantized on load, and the
-checkpoints ``save_pretrained`` writes of them loaded again (pre-quantized). Methods not checked here fall back to
-stock, with the reason in the report.
+On the CPU (``device_map="cpu"``): bitsandbytes 4-bit (fp4, nf4, nested) and 8-bit quantized on load, and the
+checkpoints ``save_pretrained`` writes of them loaded again (pre-quantized); torchao (int8 and float8 weight-only) on
+load, and pre-quantized on 5.x; FP8 checkpoints (block-scaled e4m3) on 5.x, which transformers dequantizes on the CPU.
+Methods not checked here fall back to stock, with the reason in the report.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from models import VOCAB
 
 import hf_fastload
 from hf_fastload import FallbackRequiredError
+from hf_fastload.integration import compat
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the test extras: pip install -e '.[test]'")
 from transformers import BitsAndBytesConfig  # noqa: E402
@@ -166,15 +168,126 @@ def test_qlora_adapter_on_a_pre_quantized_base(saved, tmp_path):
     assert_same_model(stock, fast)
 
 
-def test_unchecked_method_falls_back_with_its_reason(llama, tmp_path):
-    """A quant_method not checked on the fast path stays on stock; strict mode says which and why."""
+# --- torchao (quantized on load: both lines; pre-quantized: 5.x) and FP8 (pre-quantized, dequantized on the CPU) ----
+
+
+def _same_tensor(a, b, where: str) -> None:
+    """Equal class, and equal bits of every inner tensor of a tensor subclass (torchao's quantized tensors)."""
+    assert type(a) is type(b), where
+    if type(a) not in (torch.Tensor, torch.nn.Parameter) and hasattr(a, "__tensor_flatten__"):
+        (names_a, ctx_a), (names_b, ctx_b) = a.__tensor_flatten__(), b.__tensor_flatten__()
+        assert names_a == names_b and repr(ctx_a) == repr(ctx_b), where
+        for name in names_a:
+            _same_tensor(getattr(a, name), getattr(b, name), f"{where}.{name}")
+        return
+    _same_value(a.detach(), b.detach(), where)
+
+
+def assert_same_subclass_model(stock, fast) -> None:
+    """assert_same_model for models whose parameters are tensor subclasses (no flat view of their bytes)."""
+    assert type(stock) is type(fast)
+    for kind in ("named_parameters", "named_buffers"):
+        ts, tf = dict(getattr(stock, kind)()), dict(getattr(fast, kind)())
+        assert list(ts) == list(tf), kind
+        for name in ts:
+            assert ts[name].requires_grad == tf[name].requires_grad, name
+            _same_tensor(ts[name], tf[name], name)
+    assert stock.config.to_dict() == fast.config.to_dict()
+    with torch.no_grad():
+        ids = (torch.arange(1, 9) % (VOCAB - 1) + 1).unsqueeze(0)
+        assert torch.equal(_bits(stock(input_ids=ids).logits), _bits(fast(input_ids=ids).logits)), "logits differ"
+
+
+def _torchao_config(name: str):
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+
+    return transformers.TorchAoConfig({"int8": Int8WeightOnlyConfig, "float8": Float8WeightOnlyConfig}[name]())
+
+
+@pytest.mark.parametrize("name", ["int8", "float8"])
+def test_torchao(llama, tmp_path, name):
+    pytest.importorskip("torchao", reason="torchao is in the test extras: pip install -e '.[test]'")
+    kwargs = {"quantization_config": _torchao_config(name), "device_map": "cpu"}
+    stock = transformers.AutoModelForCausalLM.from_pretrained(llama, **kwargs)
+    with hf_fastload.enabled():
+        fast = transformers.AutoModelForCausalLM.from_pretrained(llama, **kwargs)
+    report = hf_fastload.last_report()
+    assert report.path == "fast" and report.quantization == "torchao, quantized on load"
+    assert_same_subclass_model(stock, fast)
+    if not compat.TRANSFORMERS_V5:
+        return  # 4.57 cannot reload what it saves: pre-quantized torchao falls back there (README)
+    stock.save_pretrained(tmp_path / "saved")
+    saved = str(tmp_path / "saved")
+    stock = transformers.AutoModelForCausalLM.from_pretrained(saved, device_map="cpu")
+    fast = hf_fastload.fast_from_pretrained(saved, device_map="cpu", strict=True)
+    report = hf_fastload.last_report()
+    assert report.path == "fast" and report.quantization == "torchao, pre-quantized"
+    assert_same_subclass_model(stock, fast)
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory) -> str:
+    """A pre-quantized FP8 checkpoint as DeepSeek / Qwen ship them (e4m3 weights, a float32 ``weight_scale_inv`` per
+    128 x 128 block, ``quant_method: fp8``), written by hand: transformers quantizes to FP8 only on a GPU."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("fp8")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                      max_position_embeddings=64)  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tensors = {}
+    for name, weight in model.state_dict().items():
+        if not name.endswith("proj.weight"):
+            tensors[name] = weight.contiguous()
+            continue
+        rows, cols = weight.shape
+        blocks = weight.float().reshape(rows // 128, 128, cols // 128, 128)
+        scale = blocks.abs().amax(dim=(1, 3)) / 448.0
+        tensors[name] = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
+        tensors[name.removesuffix("weight") + "weight_scale_inv"] = scale
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128],
+                                     "activation_scheme": "dynamic", "fmt": "e4m3"}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_fp8_pre_quantized(fp8_checkpoint, dequantize):
+    kwargs = {"device_map": "cpu"}
+    if dequantize:
+        kwargs["quantization_config"] = transformers.FineGrainedFP8Config(dequantize=True)
+    if not compat.TRANSFORMERS_V5:
+        with pytest.raises(FallbackRequiredError, match="4.57 loads FP8 checkpoints only on a GPU"):
+            hf_fastload.fast_from_pretrained(fp8_checkpoint, strict=True, **kwargs)
+        return
+    stock = transformers.AutoModelForCausalLM.from_pretrained(fp8_checkpoint, **kwargs)
+    fast = hf_fastload.fast_from_pretrained(fp8_checkpoint, strict=True, **kwargs)
+    report = hf_fastload.last_report()
+    assert report.path == "fast" and report.files and report.tensors_loaded > 0
+    assert any(str(p.dtype) == "torch.bfloat16" for p in fast.parameters())  # dequantized on the CPU, as stock
+    assert_same_model(stock, fast)
+
+
+@pytest.mark.parametrize(
+    "qc, fragment",
+    [
+        ({"quant_method": "compressed-tensors", "format": "float-quantized"}, "llm-compressor"),
+        ({"quant_method": "hqq", "nbits": 4}, "not checked bit for bit"),
+    ],
+)
+def test_other_methods_fall_back_with_their_reason(llama, tmp_path, qc, fragment):
     folder = tmp_path / "m"
     folder.mkdir()
     for name in os.listdir(llama):
-        os.symlink(os.path.join(llama, name), folder / name)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").unlink()
-    config["quantization_config"] = {"quant_method": "hqq", "nbits": 4}
+        if name != "config.json":
+            os.symlink(os.path.join(llama, name), folder / name)
+    config = json.loads(open(os.path.join(llama, "config.json")).read())
+    config["quantization_config"] = qc
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(FallbackRequiredError, match="quant_method='hqq'"):
+    with pytest.raises(FallbackRequiredError, match=f"quant_method='{qc['quant_method']}', pre-quantized.*{fragment}"):
         hf_fastload.fast_from_pretrained(str(folder), strict=True)

@@ -23,7 +23,7 @@ from transformers.modeling_utils import is_fsdp_enabled
 from . import compat, distributed
 from .checks import HUB_KWARGS, adapter_base
 
-__all__ = ["FAST_QUANT_METHODS", "env_true", "fallback_reason", "quantization_reason"]
+__all__ = ["FAST_ON_LOAD", "FAST_PRE_QUANTIZED", "env_true", "fallback_reason", "quantization_reason"]
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 
@@ -74,18 +74,21 @@ def fallback_reason(source: str, kwargs: dict[str, Any], config: Any) -> str | N
 # --- quantized models -------------------------------------------------------------------------------------------
 # transformers' quantizer runs after the step we own (5.x: a conversion op fed by ``_materialize_copy``; 4.57:
 # ``create_quantized_param``, fed by the slice our handle returns), so the checkpoint's bytes go through our reader
-# and the quantizer sees the tensors stock would hand it. Fast only for the methods whose loads were checked bit for
-# bit against stock (quantized tensors and their quantization state; tests/test_quantized.py); the others keep
-# falling back, each with its reason (README, "What falls back").
+# and the quantizer gets the tensors stock would hand it. Fast only for the methods whose loads were checked bit for
+# bit against stock, tensors and quantization state (tests/test_quantized.py), on the lines where they were; the
+# others keep falling back, each with its reason (README, "What falls back").
 
-# quant_method -> what was checked (README, "Adapters and quantized models")
-FAST_QUANT_METHODS = {
-    "bitsandbytes": "bitsandbytes 4-bit and 8-bit, quantized on load and pre-quantized",
-}
-# quant_method -> why it stays on stock
-_QUANT_FALLBACK = {
-    "gptq": "GPTQ kernels need a GPU (gptqmodel/optimum); not checked on the fast path",
-    "awq": "AWQ kernels need a GPU; not checked on the fast path",
+# quant_method -> the transformers lines on which it is fast: quantized on load (a quantization_config in the call,
+# none in the config), and pre-quantized (the config has one; transformers merges the call's into it)
+FAST_ON_LOAD = {"bitsandbytes": ("4.57", "5"), "torchao": ("4.57", "5")}
+FAST_PRE_QUANTIZED = {"bitsandbytes": ("4.57", "5"), "torchao": ("5",), "fp8": ("5",)}
+# why a method stays on stock, where we know more than "not checked"
+_NOT_FAST = {
+    ("fp8", "on load"): "FP8 quantization on load needs a GPU (transformers refuses it on the CPU); not checked",
+    ("fp8", "4.57"): "transformers 4.57 loads FP8 checkpoints only on a GPU; not checked",
+    ("torchao", "4.57"): "transformers 4.57 cannot reload the torchao checkpoints it saves (safetensors); not checked",
+    ("compressed-tensors", ""): "its checkpoints are made by llm-compressor, which the test environment lacks; not "
+    "checked bit for bit in the test suite",
 }
 
 
@@ -118,13 +121,16 @@ def _config_quantization(source: str, kwargs: dict[str, Any], config: Any) -> An
 
 
 def quantization_reason(source: str, kwargs: dict[str, Any], config: Any) -> str | None:
-    """Why a quantized load stays on stock, or None: not quantized, or quantized with a method in
-    :data:`FAST_QUANT_METHODS` (both the call's ``quantization_config`` and the config's are checked)."""
-    for qc in (kwargs.get("quantization_config"), _config_quantization(source, kwargs, config)):
-        if qc is None:
-            continue
-        method = _quant_method(qc)
-        if method not in FAST_QUANT_METHODS:
-            why = _QUANT_FALLBACK.get(method, "not checked bit for bit against stock on the fast path")
-            return f"quantized model (quant_method={method!r}): {why}"
-    return None
+    """Why a quantized load stays on stock, or None: not quantized, or quantized with a method that is fast on this
+    transformers line (:data:`FAST_PRE_QUANTIZED` when the config has a ``quantization_config``, whose method
+    transformers then uses; else :data:`FAST_ON_LOAD` for the call's)."""
+    saved = _config_quantization(source, kwargs, config)
+    qc = saved if saved is not None else kwargs.get("quantization_config")
+    if qc is None:
+        return None
+    method, line = _quant_method(qc), "5" if compat.TRANSFORMERS_V5 else "4.57"
+    when, table = ("pre-quantized", FAST_PRE_QUANTIZED) if saved is not None else ("on load", FAST_ON_LOAD)
+    if line in table.get(method, ()):
+        return None
+    why = _NOT_FAST.get((method, when if when == "on load" else line)) or _NOT_FAST.get((method, ""))
+    return f"quantized model (quant_method={method!r}, {when}): {why or 'not checked bit for bit against stock'}"
