@@ -24,9 +24,10 @@ tying, missing-key init and device placement. The hooks that hand the bytes path
   with transformers' own ``_infer_parameter_dtype`` and device-map rule; when the original function reads a tensor
   (``slice[...]``) it gets it already in its final dtype and device, and its own ``.to()`` calls are no-ops.
 
-Quantized loads (bitsandbytes) keep this path: the quantizer consumes the tensors after it (5.x: its quantize op
-runs on what ``_materialize_copy`` returned; 4.57: ``create_quantized_param`` gets the tensor the slice returned, in
-the quantizer's pre-quantization dtype, on the shard's device), so the bytes are ours and the quantization stock's.
+Quantized loads (the methods :mod:`~hf_fastload.integration.fallback` lets through: bitsandbytes, torchao, FP8)
+keep this path: the quantizer consumes the tensors after it (5.x: its quantize op runs on what ``_materialize_copy``
+returned; 4.57: ``create_quantized_param`` gets the tensor the slice returned, in the quantizer's pre-quantization
+dtype, on the shard's device), so the bytes are ours and the quantization stock's.
 
 The patches are installed once while any fast load runs (refcounted under a lock) and removed after the last.
 """
