@@ -56,10 +56,10 @@ def test_quantized_config_falls_back(tmp_path):
     folder = build_checkpoint("llama", str(tmp_path / "m"), torch.float32)
     with open(os.path.join(folder, "config.json")) as fh:
         config = json.load(fh)
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    config["quantization_config"] = {"quant_method": "hqq", "nbits": 4}  # bitsandbytes: tests/test_quantized.py
     with open(os.path.join(folder, "config.json"), "w") as fh:
         json.dump(config, fh)
-    with pytest.raises(FallbackRequiredError, match="quantiz"):
+    with pytest.raises(FallbackRequiredError, match="quantized model .quant_method='hqq'"):
         hf_fastload.fast_from_pretrained(folder, strict=True)
 
 

@@ -28,6 +28,11 @@ tying, missing-key init and device placement. The hooks that hand the bytes path
   loop takes one tensor at a time, so the next planned tensors are prefetched (materialized in the background, a
   bounded window of bytes ahead: :meth:`~hf_fastload.engine.LoadContext.prefetch`) while it works.
 
+Quantized loads (the methods :mod:`~hf_fastload.integration.fallback` lets through: bitsandbytes, torchao, FP8)
+keep this path: the quantizer consumes the tensors after it (5.x: its quantize op runs on what ``_materialize_copy``
+returned; 4.57: ``create_quantized_param`` gets the tensor the slice returned, in the quantizer's pre-quantization
+dtype, on the shard's device), so the bytes are ours and the quantization stock's.
+
 The patches are installed once while any fast load runs (refcounted under a lock) and removed after the last.
 """
 
@@ -39,6 +44,7 @@ import re
 import threading
 from collections.abc import Iterator
 
+import torch
 import transformers
 import transformers.modeling_utils as mu
 from packaging import version
@@ -120,6 +126,15 @@ def _v4_target_device(device_map, param_name):
     return device_map[match.group()] if match else None
 
 
+def _v4_file_device(device_map):
+    """The device 4.57's ``_load_state_dict_into_meta_model`` opens the shard on (where ``slice[...]`` puts a
+    tensor): the device of a single-device map (``{"": device}``), else the CPU."""
+    device = (device_map or {}).get("")
+    if device is None or device in ("cpu", torch.device("cpu")):
+        return "cpu"
+    return device.index if isinstance(device, torch.device) else device
+
+
 def _patch_load_into_meta_model(original):
     from transformers.modeling_utils import _infer_parameter_dtype  # 4.57 only: 5.x has no such function
 
@@ -129,19 +144,21 @@ def _patch_load_into_meta_model(original):
     ):
         ctx = active_context()
         hf_quantizer = kwargs.get("hf_quantizer")
-        if (
-            ctx is not None
-            and str(shard_file).endswith(".safetensors")
-            and hf_quantizer is None
-            and kwargs.get("device_mesh") is None
-        ):
+        if ctx is not None and str(shard_file).endswith(".safetensors") and kwargs.get("device_mesh") is None:
             keep_in_fp32_regex = kwargs.get("keep_in_fp32_regex")
+            file_device = _v4_file_device(device_map)
             handle = ctx.open(shard_file)
             for param_name, empty_param in state_dict.items():
                 device = _v4_target_device(device_map, param_name)
                 if device is None or device == "disk":
                     continue
-                _, casting_dtype = _infer_parameter_dtype(model, param_name, empty_param, keep_in_fp32_regex, None)
+                # with a quantizer, the dtype is its pre-quantization dtype; a tensor it quantizes stays where the
+                # file's slice put it (create_quantized_param moves it), the others go to their device as usual
+                _, casting_dtype = _infer_parameter_dtype(
+                    model, param_name, empty_param, keep_in_fp32_regex, hf_quantizer
+                )
+                if hf_quantizer is not None and hf_quantizer.param_needs_quantization(model, param_name):
+                    device = file_device
                 name = reverse_renaming_mapping[param_name]
                 ctx.plan(handle.get_slice(name), device, casting_dtype)
             ctx.prefetch()  # the first tensors stream while the loop starts; each one taken prefetches more
