@@ -82,8 +82,9 @@ def _fallback_reason(source, kwargs, config) -> str | None:
         return "use_safetensors=False: pickle checkpoints are read by torch.load"
     if kwargs.get("quantization_config") is not None or getattr(config, "quantization_config", None) is not None:
         return "quantized model (quantization_config): weights are handled by the quantizer"
-    if kwargs.get("adapter_kwargs") or kwargs.get("adapter_name") or kwargs.get("_adapter_model_path"):
-        return "adapter (PEFT) loading"
+    adapter = _adapter_reason(source, kwargs)
+    if adapter is not None:
+        return adapter
     tp_reason = distributed.tp_fallback_reason(kwargs)
     if tp_reason is not None:
         return tp_reason
@@ -103,12 +104,35 @@ def _fallback_reason(source, kwargs, config) -> str | None:
             return "FSDP: only local rank 0 reads weights"
         if _env_true("HF_ENABLE_PARALLEL_LOADING"):
             return "HF_ENABLE_PARALLEL_LOADING: transformers 4.57 loads shards from its own threads"
-    if os.path.isdir(source):
-        folder = os.path.join(source, kwargs.get("subfolder") or "")
-        if os.path.isfile(os.path.join(folder, "adapter_config.json")) and not any(
-            os.path.isfile(os.path.join(folder, n)) for n in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
-        ):
-            return "adapter (PEFT) checkpoint"
+    return None
+
+
+def _adapter_reason(source: str, kwargs: dict) -> str | None:
+    """Why stock ``from_pretrained(source, **kwargs)`` would load a PEFT adapter, or None when it loads none.
+
+    transformers loads an adapter only when peft is installed, and then when ``adapter_kwargs`` names an
+    ``_adapter_model_path`` (the Auto classes set it when they found an adapter) or when its own lookup,
+    ``find_adapter_config_file``, finds an ``adapter_config.json`` for the model; we ask the same question with the
+    same arguments. Everything else is not an adapter load: the ``adapter_kwargs`` the Auto classes pass to every
+    load once peft is importable (5.x: ``{"revision": ...}``; 4.57: ``{}``, or ``{"token": ...}`` with a token),
+    ``adapter_name`` alone, and an ``adapter_config.json`` without peft (transformers then ignores it).
+    """
+    from transformers.utils import find_adapter_config_file, is_peft_available
+
+    from . import compat
+
+    if not is_peft_available():
+        return None
+    adapter_kwargs = dict(kwargs.get("adapter_kwargs") or {})
+    given = adapter_kwargs.pop("_adapter_model_path", None)
+    if given is not None:
+        return f"adapter (PEFT) loading: transformers loads the adapter in {os.fspath(given)} on top of the base model"
+    try:
+        found = find_adapter_config_file(source, **compat.adapter_lookup_kwargs(kwargs, adapter_kwargs))
+    except Exception as e:  # stock makes the same call first: it will raise or decide, not us
+        return f"adapter (PEFT) lookup: could not tell whether an adapter is loaded ({type(e).__name__}: {e})"
+    if found is not None:
+        return f"adapter (PEFT) loading: transformers loads the adapter {found} describes on top of the base model"
     return None
 
 
