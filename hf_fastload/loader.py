@@ -67,6 +67,28 @@ def _resolve_class(model_class, source, kwargs):
     return transformers.AutoModel, config
 
 
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _quantization_config(source: str, kwargs: dict, config) -> Any:
+    """The ``quantization_config`` of the model's config, or None.
+
+    From the config object at hand: the one resolved here, else the one the caller passed (the Auto classes pass the
+    config they loaded to the concrete class, which is the call the opt-in routes), else ``config.json`` itself.
+    """
+    import transformers
+
+    for candidate in (config, kwargs.get("config")):
+        if candidate is not None and not isinstance(candidate, (str, os.PathLike)):
+            return getattr(candidate, "quantization_config", None)
+    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs and k not in ("trust_remote_code", "code_revision")}
+    try:
+        config_dict, _ = transformers.PretrainedConfig.get_config_dict(kwargs.get("config") or source, **hub)
+    except Exception:  # no readable config: stock from_pretrained will raise its own error about it
+        return None
+    return config_dict.get("quantization_config")
+
+
 def _fallback_reason(source, kwargs, config) -> str | None:
     """Why the fast path cannot take this load, or None. Checked before loading anything."""
     from . import compat, distributed
@@ -76,11 +98,11 @@ def _fallback_reason(source, kwargs, config) -> str | None:
     if kwargs.get("gguf_file"):
         return "GGUF checkpoints are dequantized by transformers"
     for flag in ("from_tf", "from_flax"):
-        if kwargs.get(flag):
+        if kwargs.get(flag) and not compat.TRANSFORMERS_V5:  # 5.x drops both arguments unread
             return f"{flag}=True: TensorFlow/Flax weights are converted by transformers"
     if kwargs.get("use_safetensors") is False:
         return "use_safetensors=False: pickle checkpoints are read by torch.load"
-    if kwargs.get("quantization_config") is not None or getattr(config, "quantization_config", None) is not None:
+    if kwargs.get("quantization_config") is not None or _quantization_config(source, kwargs, config) is not None:
         return "quantized model (quantization_config): weights are handled by the quantizer"
     adapter = _adapter_reason(source, kwargs)
     if adapter is not None:
@@ -91,8 +113,10 @@ def _fallback_reason(source, kwargs, config) -> str | None:
     device_map = kwargs.get("device_map")
     if isinstance(device_map, dict) and "disk" in device_map.values():
         return "device_map offloads to disk"
-    if kwargs.get("offload_folder") or kwargs.get("offload_state_dict"):
-        return "disk offloading"
+    # offload_folder matters only where transformers computes the device map (it may put weights on "disk");
+    # offload_state_dict is dropped unread by 4.57 and 5.x
+    if kwargs.get("offload_folder") and device_map in _DEVICE_MAP_STRATEGIES:
+        return f"disk offloading (offload_folder with device_map={device_map!r})"
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():
