@@ -14,7 +14,7 @@ setup_venv() {  # setup_venv NAME TRANSFORMERS_SPEC
   elif ! "$dir/bin/python" -c "from hf_fastload import cli; assert cli.startup_hook_installed()" 2>/dev/null; then
     "$dir/bin/pip" install -q --no-deps -e .  # an environment from before hf_fastload_startup.pth existed
   fi
-  if ! "$dir/bin/python" -c "import peft" 2>/dev/null; then
-    "$dir/bin/pip" install -q -e ".[test]"  # an environment from before peft joined the test extras
+  if ! "$dir/bin/python" -c "import peft, parameterized" 2>/dev/null; then
+    "$dir/bin/pip" install -q -e ".[test]"  # an environment from before they joined the test extras
   fi
 }
