@@ -33,6 +33,8 @@ keep this path: the quantizer consumes the tensors after it (5.x: its quantize o
 returned; 4.57: ``create_quantized_param`` gets the tensor the slice returned, in the quantizer's pre-quantization
 dtype, on the shard's device), so the bytes are ours and the quantization stock's.
 
+Outside the hooks, :func:`adapter_lookup_kwargs` says how each version looks for a PEFT adapter in a load.
+
 The patches are installed once while any fast load runs (refcounted under a lock) and removed after the last.
 """
 
@@ -53,7 +55,7 @@ from ..engine.context import LoadContext
 from ..engine.handle import TensorSlice
 from .patching import PatchSet
 
-__all__ = ["TRANSFORMERS_V5", "TRANSFORMERS_VERSION", "active_context", "hooks"]
+__all__ = ["TRANSFORMERS_V5", "TRANSFORMERS_VERSION", "active_context", "adapter_lookup_kwargs", "hooks"]
 
 TRANSFORMERS_VERSION = version.parse(transformers.__version__)
 TRANSFORMERS_V5 = TRANSFORMERS_VERSION.major >= 5
@@ -67,6 +69,44 @@ _local = threading.local()
 def active_context() -> LoadContext | None:
     """The LoadContext of the fast load running in this thread, if any."""
     return getattr(_local, "ctx", None)
+
+
+def adapter_lookup_kwargs(kwargs: dict, adapter_kwargs: dict) -> dict:
+    """The keyword arguments with which this version's ``from_pretrained(**kwargs)`` calls
+    ``find_adapter_config_file`` when peft is installed and ``adapter_kwargs`` names no ``_adapter_model_path``.
+
+    - 5.x (``integrations.peft.maybe_load_adapters``): ``adapter_kwargs``, plus the load's ``cache_dir``, ``proxies``,
+      ``subfolder`` and ``revision`` where ``adapter_kwargs`` has none of its own, and always the load's
+      ``force_download``, ``local_files_only`` and token (the load's, else ``adapter_kwargs``' token);
+    - 4.57: the load's ``cache_dir``, ``force_download``, ``proxies``, ``local_files_only`` and commit hash, plus
+      ``adapter_kwargs`` with the load's token added; no ``subfolder`` unless ``adapter_kwargs`` has one, so 4.57
+      looks for ``adapter_config.json`` at the repository's root.
+
+    Args:
+        kwargs (`dict`): the keyword arguments of the ``from_pretrained`` call.
+        adapter_kwargs (`dict`): its ``adapter_kwargs``, without ``_adapter_model_path``.
+    """
+    lookup = dict(adapter_kwargs)
+    if TRANSFORMERS_V5:
+        token = lookup.pop("token", None)
+        for name in ("cache_dir", "proxies", "subfolder", "revision"):
+            lookup.setdefault(name, kwargs.get(name, "" if name == "subfolder" else None))
+        lookup["force_download"] = bool(kwargs.get("force_download", False))
+        lookup["local_files_only"] = bool(kwargs.get("local_files_only", False))
+        lookup["token"] = kwargs.get("token") or token
+        return lookup
+    if kwargs.get("token") is not None:
+        lookup.setdefault("token", kwargs["token"])
+    config = kwargs.get("config")
+    commit = kwargs.get("_commit_hash") or getattr(config, "_commit_hash", None)
+    lookup.update(
+        cache_dir=kwargs.get("cache_dir"),
+        force_download=kwargs.get("force_download", False),
+        proxies=kwargs.get("proxies"),
+        local_files_only=kwargs.get("local_files_only", False),
+        _commit_hash=commit if isinstance(commit, str) else None,
+    )
+    return lookup
 
 
 def _patch_safe_open(original):

@@ -26,6 +26,7 @@ from .checks import HUB_KWARGS, adapter_base
 __all__ = ["FAST_ON_LOAD", "FAST_PRE_QUANTIZED", "env_true", "fallback_reason", "quantization_reason"]
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # device maps transformers computes
 
 
 def env_true(name: str) -> bool:
@@ -46,7 +47,7 @@ def fallback_reason(source: str, kwargs: dict[str, Any], config: Any) -> str | N
     if kwargs.get("gguf_file"):
         return "GGUF checkpoints are dequantized by transformers"
     for flag in ("from_tf", "from_flax"):
-        if kwargs.get(flag):
+        if kwargs.get(flag) and not compat.TRANSFORMERS_V5:  # 5.x drops both arguments unread
             return f"{flag}=True: TensorFlow/Flax weights are converted by transformers"
     if kwargs.get("use_safetensors") is False:
         return "use_safetensors=False: pickle checkpoints are read by torch.load"
@@ -59,8 +60,10 @@ def fallback_reason(source: str, kwargs: dict[str, Any], config: Any) -> str | N
     device_map = kwargs.get("device_map")
     if isinstance(device_map, dict) and "disk" in device_map.values():
         return "device_map offloads to disk"
-    if kwargs.get("offload_folder") or kwargs.get("offload_state_dict"):
-        return "disk offloading"
+    # offload_folder matters only where transformers computes the device map (it may put weights on "disk");
+    # offload_state_dict is dropped unread by 4.57 and 5.x
+    if kwargs.get("offload_folder") and device_map in _DEVICE_MAP_STRATEGIES:
+        return f"disk offloading (offload_folder with device_map={device_map!r})"
     if is_deepspeed_zero3_enabled():
         return "DeepSpeed ZeRO-3 partitions weights itself"
     if not compat.TRANSFORMERS_V5:

@@ -217,7 +217,8 @@ def fast_load(
         modes = sorted(set(io_used.values()))
         report.io = "+".join(sorted({m.split(":")[0] for m in modes}))
         report.io_reason = "; ".join(m.split(": ", 1)[1] for m in modes)
-    if ctx.tensors == 0:
+    # a file read through our reader counts even when the model takes none of its tensors (all unexpected keys)
+    if ctx.tensors == 0 and not ctx.files:
         why = "the checkpoint has no safetensors weights that hf_fastload could read (transformers loaded it)"
         if strict:
             raise FallbackRequiredError(f"{source}: {why}; strict mode forbids the fallback")
