@@ -85,3 +85,28 @@ def example_inputs(model) -> dict:
     if model.config.is_encoder_decoder:
         inputs["decoder_input_ids"] = ids[:, :4]
     return inputs
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_cache(cache_dir, repo_id: str, folder: str, commit: str = HUB_COMMIT) -> str:
+    """Lays ``folder`` out in the HF cache ``cache_dir`` as the hub would after downloading ``repo_id`` (offline use):
+    every file of ``snapshots/<commit>/`` a relative symbolic link into ``blobs/``, ``refs/main`` naming the commit.
+    Returns the snapshot folder."""
+    import hashlib
+    import os
+    import shutil
+
+    root = os.path.join(os.fspath(cache_dir), f"models--{repo_id.replace('/', '--')}")
+    snapshot = os.path.join(root, "snapshots", commit)
+    for sub in ("blobs", "refs", snapshot):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    with open(os.path.join(root, "refs", "main"), "w", encoding="utf-8") as fh:
+        fh.write(commit)
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as fh:
+            blob = hashlib.sha256(fh.read()).hexdigest()
+        shutil.copy(os.path.join(folder, name), os.path.join(root, "blobs", blob))
+        os.symlink(os.path.join("..", "..", "blobs", blob), os.path.join(snapshot, name))
+    return snapshot

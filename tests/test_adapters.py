@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 from equivalence import assert_same_model
-from models import VOCAB
+from models import VOCAB, hub_cache
 
 import hf_fastload
 from hf_fastload.integration import loader
@@ -27,20 +27,7 @@ from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "examples", "peft_script.py")
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 BASE_ID, ADAPTER_ID = "tiny-org/llama-base", "tiny-org/llama-lora"
-
-
-def _cache_repo(cache: str, repo_id: str, folder: str) -> None:
-    """Lays ``folder`` out as the snapshot of hub repository ``repo_id`` in the HF cache ``cache`` (offline use)."""
-    repo = os.path.join(cache, f"models--{repo_id.replace('/', '--')}")
-    snapshot = os.path.join(repo, "snapshots", COMMIT)
-    os.makedirs(snapshot)
-    for name in os.listdir(folder):
-        os.symlink(os.path.join(folder, name), os.path.join(snapshot, name))
-    os.makedirs(os.path.join(repo, "refs"))
-    with open(os.path.join(repo, "refs", "main"), "w") as fh:
-        fh.write(COMMIT)
 
 
 def _save_adapter(base_model, folder: str, base_ref: str, seed: int, targets: list[str]) -> str:
@@ -74,8 +61,8 @@ def layout(tmp_path_factory) -> dict[str, str]:
     out["path"] = _save_adapter(fresh(), str(root / "lora"), base, 1, ["q_proj", "v_proj"])
     out["second"] = _save_adapter(fresh(), str(root / "lora2"), base, 2, ["k_proj", "o_proj", "down_proj"])
     hub_adapter = _save_adapter(fresh(), str(root / "lora-hub"), BASE_ID, 1, ["q_proj", "v_proj"])
-    _cache_repo(out["cache"], BASE_ID, base)
-    _cache_repo(out["cache"], ADAPTER_ID, hub_adapter)
+    hub_cache(out["cache"], BASE_ID, base)
+    hub_cache(out["cache"], ADAPTER_ID, hub_adapter)
     return out
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 import torch
 import transformers
 from equivalence import assert_same_model
-from models import build_checkpoint
+from models import build_checkpoint, hub_cache
 from safetensors.torch import load_file, save_file
 
 import hf_fastload
@@ -27,11 +26,7 @@ def test_hub_id_from_local_cache(tmp_path, monkeypatch):
     """A hub id already in the HF cache loads offline, through the fast path."""
     folder = build_checkpoint("llama", str(tmp_path / "src"), torch.bfloat16)
     cache = tmp_path / "hub"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = cache / "models--tiny-org--tiny-llama" / "snapshots" / commit
-    shutil.copytree(folder, snapshot)
-    (cache / "models--tiny-org--tiny-llama" / "refs").mkdir(parents=True)
-    (cache / "models--tiny-org--tiny-llama" / "refs" / "main").write_text(commit)
+    hub_cache(cache, "tiny-org/tiny-llama", folder)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     stock = transformers.LlamaForCausalLM.from_pretrained("tiny-org/tiny-llama", cache_dir=str(cache))
     fast = hf_fastload.fast_from_pretrained("tiny-org/tiny-llama", cache_dir=str(cache))

@@ -8,13 +8,12 @@ the HF cache's snapshot of a hub id), so their kernel readahead starts first and
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 import pytest
 import torch
 import transformers
-from models import build_checkpoint
+from models import build_checkpoint, hub_cache
 
 import hf_fastload
 from hf_fastload.engine.context import LoadContext
@@ -76,11 +75,7 @@ def test_every_shard_is_prefetched(tmp_path, monkeypatch):
 def test_hub_id_is_prefetched_from_the_cache_snapshot(tmp_path, monkeypatch):
     source = build_checkpoint("llama", str(tmp_path / "src"), torch.bfloat16)
     cache = tmp_path / "hub"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = cache / "models--tiny-org--tiny-llama" / "snapshots" / commit
-    shutil.copytree(source, snapshot)
-    (cache / "models--tiny-org--tiny-llama" / "refs").mkdir(parents=True)
-    (cache / "models--tiny-org--tiny-llama" / "refs" / "main").write_text(commit)
+    snapshot = hub_cache(cache, "tiny-org/tiny-llama", source)
     events = _spy(monkeypatch)
     hf_fastload.fast_from_pretrained("tiny-org/tiny-llama", cache_dir=str(cache))
     assert events[0] == ("prefetch", _weights(snapshot))

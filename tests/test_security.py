@@ -22,7 +22,7 @@ import pytest
 import torch
 import transformers
 from equivalence import assert_same_model
-from models import build_checkpoint
+from models import build_checkpoint, hub_cache
 
 import hf_fastload
 from hf_fastload import CheckpointContentError, FastLoadError
@@ -145,23 +145,9 @@ def test_index_cannot_name_shards_outside_the_folder(tmp_path, where):
     assert index_path in message and repr(shard) in message and "outside" in message, message
 
 
-def _hf_cache(tmp_path, folder, repo="org--tiny-llama", commit="0123456789abcdef0123456789abcdef01234567"):
-    """``folder`` laid out as the HF hub cache lays out a download: every file of ``snapshots/<commit>/`` is a
-    relative symbolic link into ``blobs/``."""
-    import hashlib
-
-    root = tmp_path / "hub" / f"models--{repo}"
-    snapshot = root / "snapshots" / commit
-    os.makedirs(root / "blobs")
-    os.makedirs(snapshot)
-    os.makedirs(root / "refs")
-    (root / "refs" / "main").write_text(commit)
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "rb") as fh:
-            blob = hashlib.sha256(fh.read()).hexdigest()
-        shutil.copy(os.path.join(folder, name), root / "blobs" / blob)
-        os.symlink(os.path.join("..", "..", "blobs", blob), snapshot / name)
-    return str(snapshot)
+def _hf_cache(tmp_path, folder, repo="org/tiny-llama"):
+    """``folder`` laid out as the HF hub cache lays out a download (``tests/models.py: hub_cache``)."""
+    return hub_cache(tmp_path / "hub", repo, folder)
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
@@ -184,7 +170,7 @@ def test_cached_hub_index_cannot_name_another_models_shards(tmp_path):
     another model's weights by hub id (huggingface_hub before 1.x; newer versions refuse the name with a ValueError);
     the fast path refuses the index before loading anything."""
     folder = build_checkpoint("llama", str(tmp_path / "m"), torch.float32, sharded=True)
-    other = _hf_cache(tmp_path, folder, repo="org--other")
+    other = _hf_cache(tmp_path, folder, repo="org/other")
     snapshot = _hf_cache(tmp_path, folder)
     index_path = os.path.join(snapshot, "model.safetensors.index.json")
     with open(index_path) as fh:
