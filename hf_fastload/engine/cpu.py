@@ -67,10 +67,14 @@ def alloc_cpu(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype)
 
 
-def convert_mapped(file: SafetensorsFile, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
+def convert_mapped(
+    file: SafetensorsFile, info: TensorInfo, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Converts from the file mapping chunk by chunk, dropping each chunk's source pages once it is converted, so the
-    mapped file does not add up to a second copy of the model in this process's memory (stock peaks at 1.5x)."""
-    out = alloc_cpu(info.shape, dtype)
+    mapped file does not add up to a second copy of the model in this process's memory (stock peaks at 1.5x).
+    ``out`` (contiguous, ``info``'s shape, ``dtype``) receives the result instead of fresh memory (the cache's
+    entry being written)."""
+    out = alloc_cpu(info.shape, dtype) if out is None else out
     if info.numel == 0:
         return out
     src, dst = file.view(info).view(-1), out.view(-1)
@@ -120,8 +124,10 @@ def _wait_all(futures: list[Future]) -> None:
         raise
 
 
-def read_converted(file: SafetensorsFile, info: TensorInfo, dtype: torch.dtype, threads: int) -> torch.Tensor:
-    out = alloc_cpu(info.shape, dtype)
+def read_converted(
+    file: SafetensorsFile, info: TensorInfo, dtype: torch.dtype, threads: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    out = alloc_cpu(info.shape, dtype) if out is None else out
     numel = info.numel
     if numel == 0:
         return out
@@ -135,8 +141,8 @@ def read_converted(file: SafetensorsFile, info: TensorInfo, dtype: torch.dtype, 
     return out
 
 
-def read_same(file: SafetensorsFile, info: TensorInfo, threads: int) -> torch.Tensor:
-    out = alloc_cpu(info.shape, info.torch_dtype)
+def read_same(file: SafetensorsFile, info: TensorInfo, threads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    out = alloc_cpu(info.shape, info.torch_dtype) if out is None else out
     if info.nbytes == 0:
         return out
     buf = tensor_buffer(out)

@@ -33,7 +33,7 @@ from ..engine.knobs import settings
 from ..errors import FallbackRequiredError
 from ..format.index import INDEX_NAME, check_folder
 from ..report import LoadReport, _set_last_report
-from . import compat, distributed
+from . import caching, compat, distributed
 from .checks import how_initialized, load_config, shape_error, verify
 from .fallback import env_true, fallback_reason
 from .inference import inference_mode
@@ -114,6 +114,7 @@ def fast_load(
     knobs = settings()
     report = LoadReport(source=source, transformers_version=transformers.__version__, threads=knobs["threads"])
     _set_last_report(report)
+    cache_dir = caching.cache_dir(kwargs)  # fastload_cache= / HF_FASTLOAD_CACHE; stock never sees the keyword
 
     cls, config = _resolve_class(model_class, source, kwargs)
     load = entry or cls.from_pretrained
@@ -124,6 +125,7 @@ def fast_load(
     report.device = str(device_map) if device_map is not None else "cpu"
     reason = fallback_reason(source, kwargs, config)
     if reason is not None:
+        caching.fell_back(cache_dir, report)
         out = _fallback(load, source, model_args, kwargs, report, reason, strict, t0)
         report.rank, report.world_size = distributed.rank_and_world()
         _finished(report)
@@ -141,11 +143,18 @@ def fast_load(
         except BaseException:
             ctx.close()
             raise
+    try:
+        session = caching.start(cache_dir, kwargs, ctx, report) if cache_dir else None
+    except BaseException:
+        ctx.close()
+        raise
+    loaded = False
     t_build = time.perf_counter()
     try:
         with LOAD_LOCK, compat.hooks(ctx), _inside():
             model, info = load(source, *model_args, output_loading_info=True, **kwargs)
         ctx.check_mapped()  # a file truncated during the load: its zero-copy tensors would be a SIGBUS when touched
+        loaded = not ctx.errors
     except Exception as e:
         if ctx.errors:
             raise ctx.errors[0] from e
@@ -155,6 +164,7 @@ def fast_load(
         raise
     finally:
         ctx.close()
+        caching.finish(session, loaded, report, _logger())  # publishes what the load wrote, or drops it
     t_end_load = time.perf_counter()
     if ctx.errors:  # transformers 5 records per-tensor errors instead of raising; never return that model
         raise ctx.errors[0]
