@@ -42,6 +42,7 @@ end in a normal load, and :meth:`CacheSession.summary` says what happened (the i
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import mmap
 import os
@@ -248,6 +249,7 @@ class _EntryWriter:
             return out
         start = self.capacity + slot.begin
         self.shared.madvise(mmap.MADV_DONTNEED, start, nbytes)  # the pages stay in the page cache, marked dirty
+        _start_writeback(self.fd, start, nbytes)
         with self.lock:
             self.placed.append(Placed(slot.name, dtype_name(slot.dtype), slot.shape, slot.begin, slot.begin + nbytes))
             self.pending -= 1
@@ -327,6 +329,28 @@ class _EntryWriter:
             with contextlib.suppress(OSError):
                 os.unlink(self.temp)
             self.temp = ""
+
+
+def _writeback_function():
+    """libc's ``sync_file_range`` (Linux), or None: Python's os module does not offer it."""
+    try:
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_sync_file_range = _writeback_function()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Starts writing a finished range to disk without waiting, so that the ``fsync`` before publishing finds little
+    left to do (and the load leaves fewer dirty pages behind); nothing where the call is missing."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

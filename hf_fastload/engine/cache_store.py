@@ -47,8 +47,8 @@ from .cpu import tensor_buffer
 from .pools import get_pool
 
 __all__ = [
-    "FORMAT_VERSION", "KEY_MODES", "BadEntry", "CacheStore", "EntryInfo", "compare_with_source", "open_entry",
-    "source_key",
+    "FORMAT_VERSION", "KEY_MODES", "BadEntry", "CacheStore", "EntryInfo", "EntryStatus", "check_entry",
+    "compare_with_source", "open_entry", "source_key",
 ]  # fmt: skip
 
 # Bump when the entry layout or what the key covers changes: old entries then simply never match.
@@ -319,6 +319,67 @@ class CacheStore:
                     finally:
                         os.close(fd)
         return removed
+
+
+@dataclass
+class EntryStatus:
+    """What :func:`check_entry` found: ``state`` is ``current`` (its source is unchanged: loads use it), ``stale``
+    (the source changed: no load will use it again), ``orphan`` (the source is gone) or ``corrupt``."""
+
+    path: str
+    size: int
+    last_used: float
+    state: str
+    detail: str = ""
+    source: str = ""
+    tensors: int = 0
+    dtypes: tuple[str, ...] = ()
+
+
+def check_entry(entry: EntryInfo, verify: bool = False) -> EntryStatus:
+    """Checks one entry against its source (``hf-fastload cache ls``); with ``verify``, also converts the source
+    again and compares every byte (``hf-fastload cache verify``), which reads both files whole."""
+    status = EntryStatus(entry.path, entry.size, entry.last_used, "corrupt")
+    try:
+        handle = SafetensorsFile(entry.path, io="pread")
+    except (OSError, ValueError) as e:
+        status.detail = str(e)
+        return status
+    with handle:
+        meta = handle.metadata() or {}
+        status.source = meta.get("source", "")
+        status.tensors = len(handle.tensors)
+        status.dtypes = tuple(sorted({info.dtype for info in handle.tensors.values()}))
+        if meta.get("hf_fastload_cache") != FORMAT_VERSION or meta.get("source_key") != entry.key:
+            status.detail = "not an entry of this cache format, or its name does not match its key"
+            return status
+        if handle.size != handle.data_end:
+            status.detail = f"{handle.size} bytes, its header's data ends at {handle.data_end}"
+            return status
+        mode = dict(p.split("=", 1) for p in meta.get("key_parts", "").split(",") if "=" in p).get("mode", "identity")
+        try:
+            source = SafetensorsFile(status.source, io="pread")
+        except FileNotFoundError:
+            status.state, status.detail = "orphan", "the source file no longer exists"
+            return status
+        except (OSError, ValueError) as e:
+            status.state, status.detail = "orphan", f"the source cannot be read: {e}"
+            return status
+        with source:
+            try:
+                key, _ = source_key(source, mode)
+            except (OSError, ValueError) as e:
+                status.state, status.detail = "orphan", f"the source cannot be read: {e}"
+                return status
+            if key != entry.key:
+                status.state, status.detail = "stale", "the source changed since the entry was written"
+                return status
+            status.state = "current"
+            if verify:
+                mismatch = compare_with_source(handle, source)
+                if mismatch is not None:
+                    status.state, status.detail = "corrupt", mismatch
+    return status
 
 
 def compare_with_source(entry: SafetensorsFile, source: SafetensorsFile, chunk_elements: int = 1 << 22) -> str | None:

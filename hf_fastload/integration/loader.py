@@ -184,6 +184,8 @@ def fast_load(
         if strict:
             raise FallbackRequiredError(f"{source}: {why}; strict mode forbids the fallback")
         report.path, report.reason = "fallback", why
+        if report.cache:
+            report.cache.update(status="bypassed", reason=why)
         _logger().warning(f"hf_fastload: {source}: fell back to stock from_pretrained: {why}")
 
     verify(model, info, ctx)
