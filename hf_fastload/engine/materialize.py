@@ -93,29 +93,40 @@ def materialize(ts: Any, device: Any = None, dtype: torch.dtype | None = None) -
     return _tracked(ts, make)
 
 
-def _cpu(file: Any, info: TensorInfo, dtype: torch.dtype, threads: int, out: torch.Tensor | None = None):
-    """The CPU paths: ``(tensor, method)``; ``out`` receives the bytes instead of fresh memory when given."""
+def _cpu(file: Any, info: TensorInfo, dtype: torch.dtype, threads: int) -> tuple[torch.Tensor, str]:
+    """The CPU paths: ``(tensor, method)``."""
     if dtype != info.torch_dtype and file.io == "mmap":
-        return cpu.convert_mapped(file, info, dtype, out), "convert"
+        return cpu.convert_mapped(file, info, dtype), "convert"
     if dtype != info.torch_dtype:
-        return cpu.read_converted(file, info, dtype, threads, out), "pread+convert"
-    if file.io == "mmap" and out is None:
+        return cpu.read_converted(file, info, dtype, threads), "pread+convert"
+    if file.io == "mmap":
         file.check_size(info.start + info.nbytes, info.name)  # a view of pages past the end would be a SIGBUS
         return file.view(info), "zero-copy"
-    return cpu.read_same(file, info, threads, out), "pread"
+    return cpu.read_same(file, info, threads), "pread"
 
 
 def _through_cache(cache: Any, file: Any, info: TensorInfo, dtype: torch.dtype, threads: int):
-    """A CPU tensor through the load's :class:`~hf_fastload.engine.cache.CacheSession`: a view of a cache entry
-    (a hit), or converted into the entry being written (a miss), or, when no entry is written, as usual."""
+    """A CPU tensor through the load's :class:`~hf_fastload.engine.cache.CacheSession`: a view of a cache entry (a
+    hit), or converted into the entry being written and viewed there (a miss), or, when no entry is written, as
+    usual. A tensor the entry could not take (a full disk) is made as usual."""
     hit = cache.lookup(file, info, dtype)
     if hit is not None:
         return hit, "zero-copy(cache)"
     slot = cache.slot(file, info, dtype)
     if slot is None:
         return _cpu(file, info, dtype, threads)
+    if slot.placed:
+        try:
+            written = slot.fill(file, info, threads)
+        except BaseException:
+            slot.fail()
+            raise
+        if not written:
+            return _cpu(file, info, dtype, threads)
+        base = ("convert" if file.io == "mmap" else "pread+convert") if dtype != info.torch_dtype else "pread"
+        return slot.done(None), f"{base}+cache-write"
     try:
-        out, method = _cpu(file, info, dtype, threads, slot.dest)
+        out, method = _cpu(file, info, dtype, threads)
     except BaseException:
         slot.fail()
         raise
