@@ -3,7 +3,8 @@
 Usage:
     python tests/cache_worker.py CKPT CACHE_DIR [GO_FILE]
 
-Waits for ``GO_FILE`` to exist (so that several workers start loading at the same moment), loads ``CKPT`` as float32
+With ``CACHE_WORKER_SLOW_FSYNC=SECONDS``, ``os.fsync`` sleeps that long first (a slow disk). Waits for ``GO_FILE``
+to exist (so that several workers start loading at the same moment), loads ``CKPT`` as float32
 with ``fastload_cache=CACHE_DIR``, compares the model with stock ``from_pretrained`` bit for bit, and prints one JSON
 line: ``{"ok": bool, "error": str | None, "cache": report.cache}``. The entry it writes, if any, is published before
 the process exits.
@@ -30,6 +31,15 @@ def main(ckpt: str, cache: str, go: str | None = None) -> dict:
 
     import hf_fastload
 
+    slow = float(os.environ.get("CACHE_WORKER_SLOW_FSYNC", "0"))
+    if slow:  # a slow disk: the program ends before its entry is durable (the library must hand the rest off)
+        real_fsync = os.fsync
+
+        def slow_fsync(fd):
+            time.sleep(slow)
+            return real_fsync(fd)
+
+        os.fsync = slow_fsync
     while go and not os.path.exists(go):
         time.sleep(0.005)
     fast = hf_fastload.fast_from_pretrained(ckpt, model_class=transformers.LlamaForCausalLM, dtype=torch.float32,

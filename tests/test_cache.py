@@ -371,8 +371,9 @@ def test_a_writer_in_another_process_means_load_without_writing(ckpt, tmp_path):
     assert _entries(cache) == [] and _leftovers(cache) == []
 
 
-def _worker(ckpt, cache, go=None) -> subprocess.Popen:
+def _worker(ckpt, cache, go=None, **env_extra) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    env.update(env_extra)
     args = [sys.executable, os.path.join(HERE, "cache_worker.py"), ckpt, str(cache)] + ([str(go)] if go else [])
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -386,6 +387,27 @@ def _result(proc: subprocess.Popen) -> dict:
     return result
 
 
+def _published(cache, timeout: float = 60.0) -> list[str]:
+    """The entries once no writer's temporary file is left (a process that ended may have handed off its fsync)."""
+    deadline = time.monotonic() + timeout
+    while (_leftovers(cache) or not _entries(cache)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _entries(cache)
+
+
+def test_a_program_that_ends_first_hands_off_publishing(ckpt, tmp_path):
+    """The disk is slow (fsync takes a minute): the program exits without waiting, a detached helper publishes."""
+    cache = tmp_path / "cache"
+    proc = _worker(ckpt, cache, CACHE_WORKER_SLOW_FSYNC="60")
+    line = proc.stdout.readline()
+    printed = time.monotonic()
+    proc.wait(timeout=120)
+    assert time.monotonic() - printed < 40, "the program waited for the slow fsync"
+    assert json.loads(line)["cache"]["written"] > 0
+    assert len(_published(cache)) == 1 and _leftovers(cache) == []
+    assert _result(_worker(ckpt, cache))["cache"]["status"] == "hit"
+
+
 def test_two_writers_racing_in_two_processes(ckpt, tmp_path):
     cache, go = tmp_path / "cache", tmp_path / "go"
     procs = [_worker(ckpt, cache, go) for _ in range(2)]
@@ -395,7 +417,7 @@ def test_two_writers_racing_in_two_processes(ckpt, tmp_path):
     # whichever took the lock wrote; the other loaded without writing ("another process is writing"), or, if it
     # came later, mapped the published entry, or, later still, wrote the same entry again (replacing it atomically)
     assert any(r["cache"]["written"] for r in results), results
-    assert len(_entries(cache)) == 1 and _leftovers(cache) == []
+    assert len(_published(cache)) == 1 and _leftovers(cache) == []
     assert _result(_worker(ckpt, cache))["cache"]["status"] == "hit"
 
 

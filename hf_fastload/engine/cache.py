@@ -34,7 +34,8 @@ The unit is one checkpoint tensor converted to one dtype: ``(source file, tensor
 - when the load ends well, the entry gets its header (an ordinary safetensors file: ``safetensors`` reads it) and is
   published by a background thread: ``fsync``, then ``rename`` into place, so that an entry exists only complete and
   on disk; then the least recently used entries are evicted down to ``HF_FASTLOAD_CACHE_MAX_GB``. A program that
-  ends sooner waits for that thread at exit. A failed load, or any problem writing, drops the entry.
+  ends sooner hands the rest to a small detached process (``python -I -S``: ``fsync``, ``rename``), so its exit
+  waits neither for the disk nor loses the entry. A failed load, or any problem writing, drops the entry.
 
 One process writes a source's entry at a time (a lock file); the others load as usual without writing. Nothing in
 here raises into the load for a cache problem: a folder that is read-only or full, a corrupt entry, a lost lock race
@@ -43,11 +44,14 @@ end in a normal load, and :meth:`CacheSession.summary` says what happened (the i
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import logging
 import mmap
 import os
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -86,26 +90,109 @@ def cache_settings() -> dict[str, Any]:
 
 
 # -- background publishing ------------------------------------------------------------------------------------------
-_publishers: list[threading.Thread] = []
+_publishers: list[_Publisher] = []
 _publishers_lock = threading.Lock()
+
+# What a program that ends before its entries are published leaves running: fsync, rename, fsync of the folder.
+# Plain os calls in a fresh interpreter (-I -S: no site, no hf_fastload), holding the writer's lock until it ends.
+_HELPER = """
+import os, sys
+fd, temp, final, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+try:
+    os.fsync(fd)
+    os.rename(temp, final)
+    d = os.open(folder, os.O_RDONLY)
+    os.fsync(d)
+    os.close(d)
+except OSError:
+    try:
+        os.unlink(temp)
+    except OSError:
+        pass
+"""
 
 
 def wait_for_writes(timeout: float | None = None) -> bool:
     """Waits until the entries written by this process are published (or dropped); False on timeout."""
     with _publishers_lock:
-        threads = list(_publishers)
-    for t in threads:
-        t.join(timeout)
-    return not any(t.is_alive() for t in threads)
+        pending = list(_publishers)
+    for p in pending:
+        p.thread.join(timeout)
+    return not any(p.thread.is_alive() for p in pending)
 
 
-def _start_publisher(target) -> None:
-    # Not a daemon: the interpreter waits for it at exit, so a short program still publishes what it wrote.
-    thread = threading.Thread(target=target, name="hf_fastload-cache-publish", daemon=False)
+class _Publisher:
+    """Publishes one sealed entry: ``fsync``, then ``rename`` into place (then eviction), in a daemon thread. If the
+    program ends first, :func:`_hand_off` gives the rest to a small detached process, so that the program's exit
+    waits neither for the disk nor loses the entry."""
+
+    def __init__(self, writer: _EntryWriter, final: str, max_bytes: int | None):
+        self.writer, self.final, self.max_bytes = writer, final, max_bytes
+        self.lock = threading.Lock()
+        self.state = "syncing"  # -> "renaming" -> "done"; or -> "handed" (to the helper process)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="hf_fastload-cache-publish", daemon=True)
+
+    def run(self) -> None:
+        writer = self.writer
+        try:
+            error = None
+            try:
+                os.fsync(writer.fd)
+            except OSError as e:
+                error = e
+            with self.lock:
+                if self.state == "handed":
+                    return
+                self.state = "renaming"
+            if error is None:
+                writer.publish(self.final, self.max_bytes)
+            else:
+                _log.warning(f"hf_fastload: the cache entry for {writer.source_path} could not be written: {error}")
+                writer._close_files(unlink=True)
+        finally:
+            with self.lock:
+                if self.state != "handed":
+                    self.state = "done"
+            self.done.set()
+
+    def hand_off(self) -> None:
+        with self.lock:
+            state = self.state
+            if state == "syncing":
+                self.state = "handed"
+        if state == "renaming":
+            self.done.wait(5.0)  # a rename under way: let it finish
+        if state != "syncing":
+            return
+        writer = self.writer
+        try:
+            subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _HELPER, str(writer.fd), writer.temp, self.final,
+                 writer.store.entries_dir],
+                pass_fds=(writer.fd, writer.lock_fd), start_new_session=True, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            writer.temp = ""  # the helper's now: not unlinked here
+        except OSError:  # no process can be started: the entry is dropped (a later load writes it again)
+            pass
+        writer._close_files(unlink=True)
+
+
+def _start_publisher(writer: _EntryWriter, final: str, max_bytes: int | None) -> None:
+    publisher = _Publisher(writer, final, max_bytes)
     with _publishers_lock:
-        _publishers[:] = [t for t in _publishers if t.is_alive()]
-        _publishers.append(thread)
-    thread.start()
+        _publishers[:] = [p for p in _publishers if p.thread.is_alive()]
+        _publishers.append(publisher)
+    publisher.thread.start()
+
+
+@atexit.register
+def _hand_off() -> None:
+    with _publishers_lock:
+        pending = [p for p in _publishers if p.thread.is_alive()]
+    for p in pending:
+        p.hand_off()
 
 
 class _Refused(Exception):
@@ -327,9 +414,8 @@ class _EntryWriter:
         return self.store.entry_path(self.key, [(p.name, p.dtype) for p in placed])
 
     def publish(self, final: str, max_bytes: int | None) -> None:
-        """In a background thread: makes the entry durable, renames it into place, evicts; never raises."""
+        """After ``fsync`` (see _Publisher): renames the entry into place, evicts; never raises."""
         try:
-            os.fsync(self.fd)
             os.rename(self.temp, final)
             self.temp = ""
             with contextlib.suppress(OSError):
@@ -571,7 +657,7 @@ class CacheSession:
                 continue
             self.written += writer.tensors
             self.published.append(final)
-            _start_publisher(lambda w=writer, f=final: w.publish(f, self.max_bytes))
+            _start_publisher(writer, final, self.max_bytes)
         for entry in self.mapped:
             entry.close()
 
