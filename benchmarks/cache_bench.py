@@ -80,10 +80,12 @@ def timed_load(mode: str, path: str, dtype: str, env: dict[str, str], forward: b
 HOLD = """
 import json, os, sys, time
 import torch, transformers, hf_fastload
+from hf_fastload.integration import loader  # noqa: F401  (imported before the clock, as in bench_worker)
 path, dtype, load = sys.argv[1], sys.argv[2], sys.argv[3] == "load"
 if load:
     t0 = time.perf_counter()
-    model = hf_fastload.fast_from_pretrained(path, model_class=transformers.LlamaForCausalLM, dtype=getattr(torch, dtype))
+    cls = transformers.LlamaForCausalLM
+    model = hf_fastload.fast_from_pretrained(path, model_class=cls, dtype=getattr(torch, dtype))
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         total = sum(float(p.sum()) for p in model.parameters())  # touches every weight's pages
@@ -207,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     med = {m: summary[m]["seconds_median"] for m in summary}
     summary["stock_over_cached"] = med["stock"] / med["cached"]
     summary["first_over_fast"] = med["first"] / med["fast"]
-    summary["cached_peak_over_model"] = summary["cached"]["peak_rss_over_preload_median"] / summary["cached"]["model_bytes"]
+    cached = summary["cached"]
+    summary["cached_peak_over_model"] = cached["peak_rss_over_preload_median"] / cached["model_bytes"]
     if args.forward:
         summary["stock_over_cached_with_forward"] = (
             summary["stock"]["load_forward_seconds_median"] / summary["cached"]["load_forward_seconds_median"]
@@ -227,15 +230,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mode:<15}{s['seconds_median']:>10.3f}{s.get('load_forward_seconds_median', 0):>12.3f}"
                   f"{s['peak_rss_over_preload_median'] / 2**20:>10.0f}{s['exit_wait_seconds_median']:>13.2f}  "
                   f"{','.join(s['cache_statuses'])}")  # fmt: skip
-    print(f"stock/cached {summary['stock_over_cached']:.2f}x, first/fast {summary['first_over_fast']:.2f}x, "
-          f"cached peak {summary['cached_peak_over_model']:.4f}x the model")
+    print(
+        f"stock/cached {summary['stock_over_cached']:.2f}x, first/fast {summary['first_over_fast']:.2f}x, "
+        f"cached peak {summary['cached_peak_over_model']:.4f}x the model"
+    )
     if "shared" in result:
         sh = result["shared"]
-        print(f"{sh['procs']} processes mapping one entry: weights PSS {sh['pss_entry_total'] / gib:.2f} GiB "
-              f"({sh['pss_entry_over_model']:.2f}x the {sh['model_bytes'] / gib:.2f} GiB model); all PSS "
-              f"{sh['pss_total'] / gib:.2f} GiB, less {sh['procs']} idle interpreters "
-              f"({sh['idle_process']['pss'] / gib:.2f} GiB each): {sh['pss_total_less_idle_over_model']:.2f}x; "
-              f"RSS sum {sh['rss_total'] / gib:.2f} GiB; statuses {sh['statuses']}")
+        print(
+            f"{sh['procs']} processes mapping one entry: weights PSS {sh['pss_entry_total'] / gib:.2f} GiB "
+            f"({sh['pss_entry_over_model']:.2f}x the {sh['model_bytes'] / gib:.2f} GiB model); all PSS "
+            f"{sh['pss_total'] / gib:.2f} GiB, less {sh['procs']} idle interpreters "
+            f"({sh['idle_process']['pss'] / gib:.2f} GiB each): {sh['pss_total_less_idle_over_model']:.2f}x; "
+            f"RSS sum {sh['rss_total'] / gib:.2f} GiB; statuses {sh['statuses']}"
+        )
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=2, default=str)
