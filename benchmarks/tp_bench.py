@@ -50,7 +50,7 @@ def worker(mode: str, path: str, dtype: str, out_dir: str, disable_mmap: bool = 
     import transformers
 
     import hf_fastload
-    from hf_fastload import compat, distributed, engine, loader, reader  # noqa: F401  (imported before the clock)
+    from hf_fastload.integration import compat, distributed, loader  # noqa: F401  (imported before the clock)
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

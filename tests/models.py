@@ -71,8 +71,16 @@ def build_checkpoint(kind: str, folder: str, dtype: torch.dtype = torch.float32,
     return folder
 
 
+def input_device(model) -> torch.device:
+    """Where the model's inputs go: its input embeddings' device (with a one-device ``device_map`` accelerate adds no
+    hook that would move them; with several devices its hooks move them from there)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return weight.device if weight is not None else next(model.parameters()).device
+
+
 def example_inputs(model) -> dict:
-    ids = (torch.arange(1, 9) % (VOCAB - 1) + 1).unsqueeze(0)
+    ids = (torch.arange(1, 9) % (VOCAB - 1) + 1).unsqueeze(0).to(input_device(model))
     inputs = {"input_ids": ids}
     if model.config.is_encoder_decoder:
         inputs["decoder_input_ids"] = ids[:, :4]

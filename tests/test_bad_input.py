@@ -1,7 +1,9 @@
 """Bad checkpoints raise hf_fastload's own errors, naming the file, the tensor, what was expected and found.
 
-File problems are OSErrors, content problems ValueErrors, so existing ``except`` clauses still catch them; no model
-is returned and nothing is written to disk.
+File problems are OSErrors, content problems ValueErrors, and each error is also an instance of the class stock
+``from_pretrained`` raises (``tests/test_stock_exceptions.py`` compares them on the same inputs), so existing
+``except`` clauses still catch them; no model is returned and nothing is written to disk. The damages themselves
+live in ``tests/bad_inputs.py``, shared with that comparison.
 """
 
 from __future__ import annotations
@@ -9,18 +11,31 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 
+import bad_inputs as damage
 import pytest
 import torch
 import transformers
+from bad_inputs import read as _read
+from bad_inputs import weights as _weights
+from bad_inputs import write as _write
 from equivalence import assert_same_model
 from models import build_checkpoint
 
 import hf_fastload
-from hf_fastload import CheckpointContentError, CheckpointFileError, FastLoadError
+from hf_fastload import (
+    CheckpointContentError,
+    CheckpointFileError,
+    CheckpointIndexError,
+    CheckpointNotFoundError,
+    DuplicateTensorError,
+    FastLoadError,
+    InvalidSafetensorsError,
+    ShapeMismatchError,
+    TruncatedSafetensorsError,
+)
 from hf_fastload.engine.handle import SafetensorsHandle
 
 
@@ -28,31 +43,6 @@ from hf_fastload.engine.handle import SafetensorsHandle
 def ckpt(tmp_path):
     """A fresh single-file llama checkpoint that the test may damage."""
     return build_checkpoint("llama", str(tmp_path / "m"), torch.float32)
-
-
-def _weights(folder):
-    return os.path.join(folder, "model.safetensors")
-
-
-def _read(path):
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
-
-
-def _write(path, header, data, pad=True):
-    blob = json.dumps(header).encode()
-    if pad:
-        blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)) + blob + data)
-
-
-def _edit_header(path, edit):
-    header, data = _read(path)
-    edit(header)
-    _write(path, header, data)
 
 
 def _load(folder, **kwargs):
@@ -90,108 +80,76 @@ def expect(folder, error, *fragments, **kwargs):
 
 
 def test_truncated_in_data(ckpt):
-    path = _weights(ckpt)
-    os.truncate(path, os.path.getsize(path) - 100)
-    msg = expect(ckpt, CheckpointFileError, path, "truncated")
+    path = damage.truncated_in_data(ckpt)
+    msg = expect(ckpt, TruncatedSafetensorsError, path, "truncated")
     assert "tensor" in msg
     with pytest.raises(OSError):
         _load(ckpt)
 
 
 def test_truncated_inside_header(ckpt):
-    path = _weights(ckpt)
-    os.truncate(path, 20)
-    expect(ckpt, CheckpointFileError, path, "truncated", "header")
+    path = damage.truncated_inside_header(ckpt)
+    expect(ckpt, TruncatedSafetensorsError, path, "truncated", "header")
 
 
 def test_header_length_past_end(ckpt):
-    path = _weights(ckpt)
-    with open(path, "r+b") as fh:
-        fh.write(struct.pack("<Q", 10**12))
-    expect(ckpt, CheckpointFileError, path, str(10**12))
+    path = damage.header_length_past_end(ckpt)
+    expect(ckpt, TruncatedSafetensorsError, path, str(10**12))
 
 
 def test_garbage_header(ckpt):
-    path = _weights(ckpt)
-    header, data = _read(path)
-    blob = b"{not json" + b" " * 7
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)) + blob + data)
-    expect(ckpt, CheckpointContentError, path, "JSON")
+    path = damage.garbage_header(ckpt)
+    expect(ckpt, InvalidSafetensorsError, path, "JSON")
     with pytest.raises(ValueError):
         _load(ckpt)
 
 
 def test_non_utf8_header(ckpt):
-    path = _weights(ckpt)
-    _, data = _read(path)
-    blob = b'{"\xff\xfe": 1}  '
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)) + blob + data)
-    expect(ckpt, CheckpointContentError, path, "UTF-8")
+    path = damage.non_utf8_header(ckpt)
+    expect(ckpt, InvalidSafetensorsError, path, "UTF-8")
 
 
 def test_unknown_dtype(ckpt):
-    path = _weights(ckpt)
-    _edit_header(path, lambda h: h["model.norm.weight"].update(dtype="F42"))
-    expect(ckpt, CheckpointContentError, path, "model.norm.weight", "F42", "BF16")
+    path = damage.unknown_dtype(ckpt)
+    expect(ckpt, InvalidSafetensorsError, path, "model.norm.weight", "F42", "BF16")
 
 
 def test_offsets_out_of_range(ckpt):
-    path = _weights(ckpt)
-
-    def edit(h):
-        begin, end = h["model.norm.weight"]["data_offsets"]
-        h["model.norm.weight"]["data_offsets"] = [begin + 10**9, end + 10**9]
-
-    _edit_header(path, edit)
-    expect(ckpt, CheckpointFileError, path, "model.norm.weight")
+    path = damage.offsets_out_of_range(ckpt)
+    expect(ckpt, TruncatedSafetensorsError, path, "model.norm.weight")
 
 
 def test_overlapping_offsets(ckpt):
-    path = _weights(ckpt)
-
-    def edit(h):
-        h["model.norm.weight"]["data_offsets"] = list(h["lm_head.weight"]["data_offsets"])
-        h["model.norm.weight"]["shape"] = h["lm_head.weight"]["shape"]
-
-    _edit_header(path, edit)
-    expect(ckpt, CheckpointContentError, path, "overlap")
+    path = damage.overlapping_offsets(ckpt)
+    expect(ckpt, InvalidSafetensorsError, path, "overlap")
 
 
 def test_byte_length_disagrees_with_shape(ckpt):
-    path = _weights(ckpt)
-    _edit_header(path, lambda h: h["model.norm.weight"].update(shape=[7, 3]))
-    expect(ckpt, CheckpointContentError, path, "model.norm.weight", "[7, 3]")
+    path = damage.byte_length_disagrees_with_shape(ckpt)
+    expect(ckpt, InvalidSafetensorsError, path, "model.norm.weight", "[7, 3]")
 
 
-@pytest.mark.parametrize("shape", [[-1, 4], [2.5], "x"])
-def test_bad_shapes(ckpt, shape):
-    path = _weights(ckpt)
-    _edit_header(path, lambda h: h["model.norm.weight"].update(shape=shape))
-    expect(ckpt, CheckpointContentError, path, "model.norm.weight", "shape")
+@pytest.mark.parametrize("bad", [damage.negative_shape, damage.fractional_shape, damage.shape_not_a_list])
+def test_bad_shapes(ckpt, bad):
+    path = bad(ckpt)
+    expect(ckpt, InvalidSafetensorsError, path, "model.norm.weight", "shape")
 
 
 def test_empty_file(ckpt):
-    path = _weights(ckpt)
-    open(path, "wb").close()
-    expect(ckpt, CheckpointFileError, path, "truncated")
+    path = damage.empty_file(ckpt)
+    expect(ckpt, TruncatedSafetensorsError, path, "truncated")
 
 
 def test_shard_named_in_index_is_missing(tmp_path):
     folder = build_checkpoint("llama", str(tmp_path / "m"), torch.float32, sharded=True)
-    with open(os.path.join(folder, "model.safetensors.index.json")) as fh:
-        shard = sorted(set(json.load(fh)["weight_map"].values()))[-1]
-    os.remove(os.path.join(folder, shard))
-    expect(folder, CheckpointFileError, shard, "does not exist")
+    shard = os.path.basename(damage.shard_named_in_index_is_missing(folder))
+    expect(folder, CheckpointNotFoundError, shard, "does not exist")
 
 
 def test_shape_disagrees_with_config(tmp_path):
     folder = build_checkpoint("llama", str(tmp_path / "m"), torch.float32)
-    config = transformers.AutoConfig.from_pretrained(folder)
-    config.intermediate_size = 48  # the checkpoint's MLP weights are 64 wide
-    config.save_pretrained(folder)
-    msg = expect(folder, CheckpointContentError, _weights(folder), "mlp")
+    damage.shape_disagrees_with_config(folder)
+    msg = expect(folder, ShapeMismatchError, _weights(folder), "mlp", "[32, 64]", "[32, 48]")
     assert "shape" in msg
 
 
@@ -203,9 +161,9 @@ def test_reader_alone(ckpt):
         assert f.metadata() == {"format": "pt"}
         t = f.get_tensor("model.norm.weight")
         assert t.dtype == torch.float32 and t.shape == (32,)
-        with pytest.raises(CheckpointContentError, match="no tensor named"):
+        with pytest.raises(InvalidSafetensorsError, match="no tensor named"):
             f.get_slice("nope")
-    with pytest.raises(CheckpointFileError, match="cannot open"):
+    with pytest.raises(CheckpointNotFoundError, match="cannot open"):
         SafetensorsHandle(os.path.join(ckpt, "absent.safetensors"))
 
 
@@ -222,30 +180,18 @@ def test_next_load_succeeds_after_a_failure(ckpt, tmp_path):
 # --- header oddities that safetensors itself accepts or refuses --------------------------------------------------
 
 
-def _write_with_extra_entry(path, name, entry):
-    """Rewrites ``path`` with a second header entry for ``name`` (the JSON text lists the key twice)."""
-    header, data = _read(path)
-    blob = (json.dumps(header)[:-1] + ", " + json.dumps({name: entry})[1:-1] + "}").encode()
-    assert blob.count(json.dumps(name).encode()) == 2
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)) + blob + data)
-    return header
-
-
-def test_duplicate_tensor_name_with_different_entries(ckpt):
+@pytest.mark.parametrize("bad", [damage.duplicate_name_different_entries, damage.duplicate_name_first_entry_differs])
+def test_duplicate_tensor_name_with_different_entries(ckpt, bad):
     """json.loads keeps the last of two equal keys (so does safetensors): an ambiguous file is refused instead."""
-    path = _weights(ckpt)
-    header, _ = _read(path)
-    _write_with_extra_entry(path, "model.norm.weight", dict(header["model.norm.weight"], dtype="I32"))
-    expect(ckpt, CheckpointContentError, path, "model.norm.weight", "listed twice")
+    path = bad(ckpt)
+    expect(ckpt, DuplicateTensorError, path, "model.norm.weight", "listed twice")
 
 
 def test_duplicate_tensor_name_with_identical_entries_loads(ckpt):
     """Not ambiguous: loads, as with safetensors."""
     path = _weights(ckpt)
     header, _ = _read(path)
-    _write_with_extra_entry(path, "model.norm.weight", header["model.norm.weight"])
+    damage.write_with_extra_entry(path, "model.norm.weight", header["model.norm.weight"])
     assert_same_model(transformers.LlamaForCausalLM.from_pretrained(ckpt), _load(ckpt))
 
 
@@ -261,27 +207,79 @@ def test_header_order_differs_from_data_order(ckpt):
 
 
 def test_offsets_end_before_begin(ckpt):
-    path = _weights(ckpt)
-
-    def edit(h):
-        begin, end = h["model.norm.weight"]["data_offsets"]
-        h["model.norm.weight"]["data_offsets"] = [end, begin]
-
-    _edit_header(path, edit)
-    expect(ckpt, CheckpointContentError, path, "model.norm.weight", "data_offsets")
+    path = damage.offsets_end_before_begin(ckpt)
+    expect(ckpt, InvalidSafetensorsError, path, "model.norm.weight", "data_offsets")
 
 
 def test_header_is_not_an_object(ckpt):
-    path = _weights(ckpt)
-    _, data = _read(path)
-    _write(path, [1, 2, 3], data)
-    expect(ckpt, CheckpointContentError, path, "JSON object", "list")
+    path = damage.header_is_not_an_object(ckpt)
+    expect(ckpt, InvalidSafetensorsError, path, "JSON object", "list")
 
 
-def test_metadata_not_strings(ckpt):
+@pytest.mark.parametrize(
+    "bad",
+    [damage.metadata_not_strings, damage.metadata_value_is_a_number, damage.metadata_is_a_list,
+     damage.metadata_is_a_string],
+)  # fmt: skip
+def test_metadata_not_strings(ckpt, bad):
+    path = bad(ckpt)
+    expect(ckpt, InvalidSafetensorsError, path, "__metadata__")
+
+
+def test_metadata_null_loads(ckpt):
+    """safetensors reads ``"__metadata__": null`` as no metadata; so do we."""
+    damage.edit_header(_weights(ckpt), lambda h: h.update(__metadata__=None))
+    assert_same_model(transformers.LlamaForCausalLM.from_pretrained(ckpt), _load(ckpt))
+
+
+@pytest.mark.parametrize("bad", [damage.weight_of_a_dtype_torch_lacks, damage.weight_f4_with_an_odd_last_dimension])
+def test_weight_torch_cannot_hold(ckpt, bad):
+    """A valid header entry that torch cannot hold is refused when it is read, as safetensors does: a model weight
+    fails the load (4.57 refuses an F6 dtype name itself before reading, as stock)."""
+    path = bad(ckpt)
+    with pytest.raises(Exception) as stock:
+        transformers.LlamaForCausalLM.from_pretrained(ckpt)
+    with pytest.raises(type(stock.value)) as info:
+        _load(ckpt)
+    if isinstance(info.value, FastLoadError):  # refused when read: our error names the file and the tensor
+        assert path in str(info.value) and "model.norm.weight" in str(info.value), info.value
+    with SafetensorsHandle(path) as f:
+        header_shape = damage.read(path)[0]["model.norm.weight"]["shape"]
+        assert f.get_slice("model.norm.weight").get_shape() == header_shape
+        with pytest.raises(InvalidSafetensorsError, match="model.norm.weight"):
+            f.get_tensor("model.norm.weight")
+
+
+@pytest.mark.parametrize("dtype, shape", [("F6_E2M3", [32]), ("F4", [2, 31])], ids=["F6, no torch dtype", "F4, odd"])
+def test_unexpected_key_torch_cannot_hold(ckpt, dtype, shape):
+    """Such a tensor as an unexpected key: 5.x never reads it (stock loads the model), 4.57 refuses its dtype name
+    before reading. We do what stock does."""
     path = _weights(ckpt)
-    _edit_header(path, lambda h: h.update(__metadata__={"format": {"nested": 1}}))
-    expect(ckpt, CheckpointContentError, path, "__metadata__")
+    header, data = _read(path)
+    nbytes = {"F6_E2M3": 6, "F4": 4}[dtype] * int(torch.tensor(shape).prod()) // 8
+    header["extra.weight"] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + nbytes]}
+    _write(path, header, data + bytes(nbytes))
+    cls = transformers.LlamaForCausalLM
+    try:
+        stock = cls.from_pretrained(ckpt)
+    except Exception as e:
+        with pytest.raises(Exception) as info:
+            _load(ckpt)
+        assert isinstance(info.value, type(e)), info.value
+    else:
+        assert_same_model(stock, _load(ckpt))
+
+
+def test_trailing_bytes_after_the_data(ckpt):
+    path = damage.trailing_bytes_after_the_data(ckpt)
+    expect(ckpt, InvalidSafetensorsError, path, "24 trailing bytes")
+
+
+def test_entry_removed_from_the_header_leaves_a_hole(ckpt):
+    """Loading it anyway would give a model stock never returns (transformers would see a missing key and
+    initialize that weight randomly)."""
+    path = damage.entry_removed_leaves_a_hole(ckpt)
+    expect(ckpt, InvalidSafetensorsError, path, "hole", "belong to no tensor")
 
 
 # --- folders: index, shards, links, permissions ------------------------------------------------------------------
@@ -289,26 +287,47 @@ def test_metadata_not_strings(ckpt):
 
 def _sharded(tmp_path):
     folder = build_checkpoint("llama", str(tmp_path / "m"), torch.float32, sharded=True)
-    with open(os.path.join(folder, "model.safetensors.index.json")) as fh:
-        return folder, json.load(fh)["weight_map"]
+    return folder, damage.weight_map(folder)
 
 
 def test_tensor_in_index_absent_from_its_shard(tmp_path):
     """Stock 5.x initializes such a tensor randomly (a "MISSING" line), 4.57 returns it on the meta device."""
-    folder, weight_map = _sharded(tmp_path)
-    shard = os.path.join(folder, weight_map["model.norm.weight"])
-    header, data = _read(shard)
-    del header["model.norm.weight"]  # its bytes stay in the data region, unreferenced
-    _write(shard, header, data)
+    folder, _ = _sharded(tmp_path)
+    shard = damage.tensor_in_index_absent_from_its_shard(folder)
     expect(folder, CheckpointContentError, "model.norm.weight", shard, "no such tensor")
+
+
+def test_shard_name_leaves_the_folder(tmp_path):
+    """Stock reads a shard from a sibling folder; we refuse the index (``tests/test_security.py`` has the variants)."""
+    folder, _ = _sharded(tmp_path)
+    index = damage.shard_name_leaves_the_folder(folder)
+    expect(folder, CheckpointContentError, index, "../other/", "outside")
 
 
 def test_index_is_not_json(tmp_path):
     folder, _ = _sharded(tmp_path)
-    index = os.path.join(folder, "model.safetensors.index.json")
-    with open(index, "w") as fh:
-        fh.write("{'weight_map': ")
-    expect(folder, CheckpointContentError, index, "weight_map")
+    index = damage.index_is_not_json(folder)
+    message = expect(folder, CheckpointIndexError, index, "weight_map")
+    with pytest.raises(json.JSONDecodeError):  # what stock raises
+        _load(folder)
+    assert "line 1 column 2" in message
+
+
+@pytest.mark.parametrize(
+    "bad, stock_class",
+    [
+        (damage.index_without_weight_map, KeyError),
+        (damage.index_not_utf8, UnicodeDecodeError),
+        (damage.index_shard_name_not_a_string, TypeError),
+    ],
+)
+def test_index_unusable(tmp_path, bad, stock_class):
+    """The error is also what stock's own parse of the index raises, with our message naming the index."""
+    folder, _ = _sharded(tmp_path)
+    index = bad(folder)
+    expect(folder, CheckpointIndexError, index, "invalid safetensors index")
+    with pytest.raises(stock_class):
+        _load(folder)
 
 
 def test_shard_the_index_does_not_name_warns_and_loads(tmp_path, monkeypatch):
@@ -324,30 +343,24 @@ def test_shard_the_index_does_not_name_warns_and_loads(tmp_path, monkeypatch):
 
 def test_no_weights_at_all(tmp_path):
     folder = build_checkpoint("llama", str(tmp_path / "m"), torch.float32)
-    os.remove(_weights(folder))
+    damage.no_weights_at_all(folder)
     with pytest.raises(OSError) as info:  # transformers' own error, as stock: it names the folder
         _load(folder)
     assert folder in str(info.value)
 
 
 def test_symlink_loop(ckpt):
-    path = _weights(ckpt)
-    os.remove(path)
-    os.symlink("model.safetensors", path)
+    path = damage.symlink_loop(ckpt)
     expect(ckpt, CheckpointFileError, path, "symbolic links")  # stock says there is no weights file
 
 
-def test_dangling_symlink(ckpt, tmp_path):
-    path = _weights(ckpt)
-    os.remove(path)
-    os.symlink(str(tmp_path / "gone.safetensors"), path)
+def test_dangling_symlink(ckpt):
+    path = damage.dangling_symlink(ckpt)
     expect(ckpt, CheckpointFileError, path, "missing file")
 
 
 def test_weights_name_is_a_directory(ckpt):
-    path = _weights(ckpt)
-    os.remove(path)
-    os.mkdir(path)
+    path = damage.weights_name_is_a_directory(ckpt)
     expect(ckpt, CheckpointFileError, path, "directory")
 
 
@@ -365,7 +378,7 @@ def test_permission_denied(ckpt, monkeypatch):
 
         monkeypatch.setattr(os, "open", deny)
     try:
-        expect(ckpt, CheckpointFileError, path, "Permission denied")
+        expect(ckpt, CheckpointNotFoundError, path, "Permission denied")  # safetensors: FileNotFoundError
     finally:
         os.chmod(path, 0o644)
 

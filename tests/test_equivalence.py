@@ -13,6 +13,7 @@ from equivalence import assert_same_model
 from models import KINDS, model_class
 
 import hf_fastload
+from hf_fastload.integration import compat
 
 CKPT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 REQUESTS = [None, "auto", torch.bfloat16, torch.float32]
@@ -129,7 +130,7 @@ def test_io_modes(checkpoints, monkeypatch, io, request_dtype):
     assert report.path == "fast" and report.io == io
 
 
-@pytest.mark.skipif(transformers.__version__.startswith("4."), reason="disable_mmap is a transformers 5 argument")
+@pytest.mark.skipif(not compat.HAS_DISABLE_MMAP, reason="disable_mmap is an argument of transformers >= 5.6")
 def test_disable_mmap_reads_with_pread(checkpoints):
     path = checkpoints("llama", torch.bfloat16)
     stock, stock_info, fast, fast_info = load_both(

@@ -4,6 +4,8 @@
   ``torch.load(weights_only=True)``, and a pickle whose ``__reduce__`` would run code is refused by both;
 - a safetensors header is data: metadata and names are never evaluated, dtype names are looked up in a table;
 - the ``HF_FASTLOAD`` startup hook imports nothing when the variable is unset;
+- an index cannot send the load outside the checkpoint folder (an absolute shard name, a ``..`` component), while
+  shards that are symbolic links (the HF cache's snapshot folders) load;
 - error messages name files, tensors, shapes and dtypes, never tensor values.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -18,6 +21,7 @@ import sys
 import pytest
 import torch
 import transformers
+from equivalence import assert_same_model
 from models import build_checkpoint
 
 import hf_fastload
@@ -105,6 +109,102 @@ def test_dtype_names_are_looked_up_not_evaluated(tmp_path, dtype):
     _rewrite(weights, lambda h: h["model.norm.weight"].update(dtype=dtype))
     with pytest.raises(CheckpointContentError, match="unknown dtype"):
         hf_fastload.fast_from_pretrained(folder, model_class=transformers.LlamaForCausalLM)
+
+
+def _sharded_with_a_sibling(tmp_path):
+    """A sharded llama in ``tmp_path/m`` and a copy of its first shard in ``tmp_path/other``."""
+    folder = build_checkpoint("llama", str(tmp_path / "m"), torch.float32, sharded=True)
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    with open(index_path) as fh:
+        index = json.load(fh)
+    first = sorted(set(index["weight_map"].values()))[0]
+    os.makedirs(tmp_path / "other")
+    shutil.copy(os.path.join(folder, first), tmp_path / "other" / first)
+    return folder, index_path, index, first
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "inner parent"])
+def test_index_cannot_name_shards_outside_the_folder(tmp_path, where):
+    """Stock reads ``../other/<shard>`` (another model's file, in a cache); the fast path refuses the index."""
+    folder, index_path, index, first = _sharded_with_a_sibling(tmp_path)
+    shard = {
+        "parent": f"../other/{first}",
+        "absolute": str(tmp_path / "other" / first),
+        "inner parent": f"sub/../../other/{first}",
+    }[where]
+    os.remove(os.path.join(folder, first))  # the only copy is outside the folder
+    index["weight_map"] = {k: shard if v == first else v for k, v in index["weight_map"].items()}
+    with open(index_path, "w") as fh:
+        json.dump(index, fh)
+    cls = transformers.LlamaForCausalLM
+    if where != "inner parent":  # stock does read it (a path through a missing "sub" fails in the OS)
+        cls.from_pretrained(folder)
+    with pytest.raises(CheckpointContentError) as info:
+        hf_fastload.fast_from_pretrained(folder, model_class=cls)
+    message = str(info.value)
+    assert index_path in message and repr(shard) in message and "outside" in message, message
+
+
+def _hf_cache(tmp_path, folder, repo="org--tiny-llama", commit="0123456789abcdef0123456789abcdef01234567"):
+    """``folder`` laid out as the HF hub cache lays out a download: every file of ``snapshots/<commit>/`` is a
+    relative symbolic link into ``blobs/``."""
+    import hashlib
+
+    root = tmp_path / "hub" / f"models--{repo}"
+    snapshot = root / "snapshots" / commit
+    os.makedirs(root / "blobs")
+    os.makedirs(snapshot)
+    os.makedirs(root / "refs")
+    (root / "refs" / "main").write_text(commit)
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as fh:
+            blob = hashlib.sha256(fh.read()).hexdigest()
+        shutil.copy(os.path.join(folder, name), root / "blobs" / blob)
+        os.symlink(os.path.join("..", "..", "blobs", blob), snapshot / name)
+    return str(snapshot)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_hf_cache_layout_with_symlinked_shards_loads(tmp_path, sharded):
+    """The HF cache's snapshot folder links each file into ``../../blobs/<hash>``: by path and by hub id, it loads."""
+    folder = build_checkpoint("llama", str(tmp_path / "m"), torch.float32, sharded=sharded)
+    snapshot = _hf_cache(tmp_path, folder)
+    assert all(os.path.islink(os.path.join(snapshot, n)) for n in os.listdir(snapshot))
+    cls = transformers.LlamaForCausalLM
+    stock = cls.from_pretrained(folder)
+    for source, kwargs in ((snapshot, {}), ("org/tiny-llama", {"cache_dir": str(tmp_path / "hub")})):
+        fast = hf_fastload.fast_from_pretrained(source, model_class=cls, **kwargs)
+        report = hf_fastload.last_report()
+        assert report.path == "fast" and report.tensors_loaded > 0, report
+        assert_same_model(stock, fast)
+
+
+def test_cached_hub_index_cannot_name_another_models_shards(tmp_path):
+    """In the HF cache, an index naming ``../../../models--org--other/snapshots/<sha>/<shard>`` makes stock load
+    another model's weights by hub id (huggingface_hub before 1.x; newer versions refuse the name with a ValueError);
+    the fast path refuses the index before loading anything."""
+    folder = build_checkpoint("llama", str(tmp_path / "m"), torch.float32, sharded=True)
+    other = _hf_cache(tmp_path, folder, repo="org--other")
+    snapshot = _hf_cache(tmp_path, folder)
+    index_path = os.path.join(snapshot, "model.safetensors.index.json")
+    with open(index_path) as fh:
+        index = json.load(fh)
+    first = sorted(set(index["weight_map"].values()))[0]
+    shard = os.path.relpath(os.path.join(other, first), snapshot)
+    assert shard.startswith("../../../models--org--other/")
+    index["weight_map"] = {k: shard if v == first else v for k, v in index["weight_map"].items()}
+    os.remove(index_path)  # the link into blobs: the new index is a file of its own
+    with open(index_path, "w") as fh:
+        json.dump(index, fh)
+    os.remove(os.path.join(snapshot, first))
+    cls, hub = transformers.LlamaForCausalLM, {"cache_dir": str(tmp_path / "hub")}
+    try:
+        cls.from_pretrained("org/tiny-llama", **hub)  # stock read the other model's shard
+    except ValueError as e:  # or its huggingface_hub refused the name
+        assert "'..'" in str(e), e
+    with pytest.raises(CheckpointContentError) as info:
+        hf_fastload.fast_from_pretrained("org/tiny-llama", model_class=cls, **hub)
+    assert repr(shard) in str(info.value) and "'..' component" in str(info.value), info.value
 
 
 _SYS_MODULES = "import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in ({})))".format(

@@ -22,21 +22,27 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointFileError, FastLoadError
 from ..format.header import TensorInfo
-from . import stream
+from . import backends, ring
 from .handle import SafetensorsHandle, TensorSlice
 from .materialize import materialize
 from .pools import chunk_pool, get_pool
+from .stream import Pipeline
 
 __all__ = ["LoadContext", "choose_io"]
 
+PREFETCH_BYTES = 512 << 20  # target bytes materialized ahead of what transformers asked for (LoadContext.prefetch)
+PREFETCH_THREADS = 8  # tensors materialized at once ahead of it
 READAHEAD_CHUNK = 32 << 20
 READAHEAD_THREADS = 8
+_PLANNED = object()  # LoadContext.take(): the target the tensor was planned with
 
 
 class LoadContext:
@@ -46,12 +52,16 @@ class LoadContext:
         io (`str`): `"auto"`, `"mmap"` or `"pread"`; `"auto"` picks per file (see :func:`choose_io`).
         threads (`int`): reader threads.
         prefer_pread (`bool`): the caller asked for no mmap (`disable_mmap=True`).
+        readahead (`bool`): ask the kernel to read each file ahead, whole (off for tensor-parallel loads, where each
+            rank reads only its own shards, and with ``HF_FASTLOAD_READAHEAD=0``).
     """
 
-    def __init__(self, io: str = "auto", threads: int = 2, prefer_pread: bool = False):
+    def __init__(self, io: str = "auto", threads: int = 2, prefer_pread: bool = False, readahead: bool = True):
         self.io = io
         self.threads = threads
         self.prefer_pread = prefer_pread
+        self.readahead = readahead
+        self._advised: set[str] = set()  # files whose readahead was started (by realpath)
         self.lock = threading.Lock()
         self.files: dict[tuple[str, str], SafetensorsHandle] = {}
         self.io_used: dict[str, str] = {}  # file -> "mode: why"
@@ -63,8 +73,15 @@ class LoadContext:
         self.last: float | None = None
         self.errors: list[BaseException] = []
         self.readahead_bytes = 0
-        self._planned: dict[tuple[str, str], tuple[Any, torch.dtype | None]] = {}
-        self.pipelines: dict[str, Any] = {}  # device -> stream.Pipeline, made on its first tensor
+        self._planned: dict[tuple[str, str], tuple[TensorSlice, Any, torch.dtype | None]] = {}
+        self._order: list[tuple[str, str]] = []  # planned tensors in the order the loop will take them
+        self._next = 0  # the first planned tensor not yet prefetched
+        self._prefetched: dict[tuple[str, str], tuple[Future, int]] = {}  # key -> (materializing, target bytes)
+        self.prefetch_bytes = 0  # target bytes prefetched and not yet taken
+        self.prefetch_window = PREFETCH_BYTES
+        self.prefetched = 0  # tensors that were prefetched, and the most target bytes ahead at once
+        self.peak_prefetch_bytes = 0
+        self.pipelines: dict[str, Any] = {}  # resolved device -> Pipeline, made on its first tensor
         self.closed = False  # set by close(): a task still running for a failed load opens nothing more
         self.cache: Any = None  # the load's cache.CacheSession (HF_FASTLOAD_CACHE), set by the integration
         self.remote: set[str] = set()  # files read with pread because of their filesystem (network, FUSE)
@@ -97,34 +114,57 @@ class LoadContext:
         if late:
             raise _ended(path)
         if fresh:
-            self._readahead(handle)
+            self._readahead(handle.path, lambda: (os.dup(handle._fd()), handle.size))
         return handle
 
-    def _readahead(self, handle: SafetensorsHandle) -> None:
-        """Asks the kernel to start reading the whole file, from several threads at once.
+    def read_ahead(self, paths: Iterable[str]) -> None:
+        """Starts the kernel readahead of ``paths`` now, before the load opens them.
+
+        Called at the entry of a load, with the files its folder or index names: transformers then imports the
+        model's code, reads the config and builds the model (seconds, in a fresh process) while the disk works.
+        Best effort: a file that cannot be opened is left to the load, which reports it where it opens it.
+        """
+        for path in paths:
+
+            def open_own(path: str = path) -> tuple[int, int]:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                return fd, os.fstat(fd).st_size
+
+            self._readahead(path, open_own)
+
+    def _readahead(self, path: str, open_fd) -> None:
+        """Asks the kernel to start reading the whole file, from several threads at once; ``open_fd()`` gives a
+        descriptor of our own (closed by whichever task finishes last) and the file's size.
 
         A cold file then arrives at the disk's parallel bandwidth instead of one readahead stream's (on this
         project's VM: 2.2 s for 2 GB with ``cat``, 1.3 s with 8 threads of ``POSIX_FADV_WILLNEED``); for a file
-        already in the page cache the calls return at once. Skipped when the load would not fit in half of the
-        available memory (it would evict its own pages), or with ``HF_FASTLOAD_READAHEAD=0``.
+        already in the page cache the calls return at once. Once per file and load; skipped when the load would not
+        fit in half of the available memory (it would evict its own pages), and when readahead is off.
         """
-        if not getattr(self, "readahead", True):  # off for tensor-parallel loads: each rank reads only its shards
+        if not self.readahead or not hasattr(os, "posix_fadvise"):
             return
-        if not hasattr(os, "posix_fadvise") or os.environ.get("HF_FASTLOAD_READAHEAD", "1").strip() == "0":
+        real = os.path.realpath(path)
+        with self.lock:
+            if real in self._advised:
+                return
+            self._advised.add(real)
+        try:
+            fd, size = open_fd()
+        except OSError:
             return
         with self.lock:
-            self.readahead_bytes += handle.size
+            self.readahead_bytes += size
             total = self.readahead_bytes
         if total > _available_memory() // 2:
+            os.close(fd)
             return
-        fd = os.dup(handle._fd())  # our own descriptor, closed by whichever task finishes last
-        offsets = list(range(0, handle.size, READAHEAD_CHUNK)) or [0]
+        offsets = list(range(0, size, READAHEAD_CHUNK)) or [0]
         left = [len(offsets)]
         lock = threading.Lock()
 
         def advise(offset: int) -> None:
             try:
-                os.posix_fadvise(fd, offset, min(READAHEAD_CHUNK, handle.size - offset), os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(fd, offset, min(READAHEAD_CHUNK, size - offset), os.POSIX_FADV_WILLNEED)
             except OSError:
                 pass
             finally:
@@ -147,29 +187,95 @@ class LoadContext:
         return file.path in self.remote
 
     def plan(self, ts: TensorSlice, device: Any = None, dtype: torch.dtype | None = None) -> None:
-        """Records where ``ts`` goes; the next ``ts[...]`` returns it on that device in that dtype (4.57's hook)."""
+        """Records where ``ts`` goes: the next ``ts[...]`` (4.57) or ``take(ts, device, dtype)`` (5.x) returns it on
+        that device in that dtype. Tensors are expected to be taken in the order they were planned (see
+        :meth:`prefetch`); a tensor planned twice is not planned (each request then materializes it)."""
+        key = (ts.file.path, ts.info.name)
         with self.lock:
-            self._planned[(ts.file.path, ts.info.name)] = (device, dtype)
+            if self.closed:
+                return
+            if key in self._planned:
+                self._planned[key] = None
+                self._prefetched.pop(key, None)  # a prefetch already running is dropped (close awaits it)
+                return
+            self._order.append(key)
+            self._planned[key] = (ts, device, dtype)
+        self.streams(device, ts.file)  # a device's pipeline, and its ring's allocation, start with its first plan
 
-    def take(self, ts: TensorSlice) -> torch.Tensor | None:
-        """The planned tensor for ``ts`` (materialized now), or None when nothing was planned for it."""
+    def prefetch(self) -> None:
+        """Starts materializing the next planned tensors in the background, in plan order, while the caller works
+        (4.57's loop takes one tensor at a time and does its own work between them).
+
+        At most ``prefetch_window`` target bytes are materialized ahead of the loop (at least one tensor), on
+        ``PREFETCH_THREADS`` threads; each tensor streams with all reader threads as usual. A prefetched tensor's
+        error is raised when the loop takes it, so errors surface in the loop's order, as stock raises them.
+        """
         with self.lock:
-            target = self._planned.pop((ts.file.path, ts.info.name), None)
-        return None if target is None else materialize(ts, *target)
+            while not self.closed and self._next < len(self._order):
+                if self._prefetched and self.prefetch_bytes >= self.prefetch_window:
+                    break
+                key = self._order[self._next]
+                self._next += 1
+                target = self._planned.get(key)
+                if target is None or key in self._prefetched:
+                    continue
+                ts, device, dtype = target
+                nbytes = ts.info.numel * (dtype or ts.info.torch_dtype).itemsize
+                future = get_pool("prefetch", PREFETCH_THREADS).submit(materialize, ts, device, dtype, False)
+                self._prefetched[key] = (future, nbytes)
+                self.prefetch_bytes += nbytes
+                self.prefetched += 1
+                self.peak_prefetch_bytes = max(self.peak_prefetch_bytes, self.prefetch_bytes)
+
+    def take(self, ts: TensorSlice, device: Any = _PLANNED, dtype: Any = _PLANNED) -> torch.Tensor | None:
+        """The planned tensor for ``ts`` (prefetched, or materialized now), or None when nothing was planned for it
+        (or, given ``device`` and ``dtype``, it was planned for another target); then the next planned tensors are
+        prefetched."""
+        key = (ts.file.path, ts.info.name)
+        with self.lock:
+            target = self._planned.get(key)
+            if target is not None and device is not _PLANNED and not _same_target(target, device, dtype):
+                return None
+            self._planned.pop(key, None)
+            ahead = self._prefetched.pop(key, None)
+            if ahead is not None:
+                self.prefetch_bytes -= ahead[1]
+        if target is None:
+            return None
+        try:
+            if ahead is None:
+                return materialize(*target)
+            try:
+                return ahead[0].result()
+            except BaseException as e:
+                self.fail(e)  # recorded now, in the loop's order
+                raise
+        finally:
+            self.prefetch()
+
+    def streams(self, device: Any, file: SafetensorsHandle) -> bool:
+        """Whether tensors of ``file`` going to ``device`` take a device pipeline (whose ring this starts)."""
+        try:
+            target = torch.device(device) if device is not None else torch.device("cpu")
+        except (RuntimeError, TypeError):
+            return False
+        return target.type != "meta" and self.pipeline(target, file) is not None
 
     def pipeline(self, device: torch.device, file: SafetensorsHandle) -> Any:
         """The device pipeline (:mod:`~hf_fastload.engine.stream`) for tensors going to ``device``, or None where
         tensors take the CPU paths (a CPU target without ``HF_FASTLOAD_IO=direct``, or a device type without a
-        backend)."""
+        backend). ``"cuda"`` and ``"cuda:0"`` (the current device) share one pipeline."""
+        device = backends.resolve_device(device)
         key = str(device)
         with self.lock:
             if key in self.pipelines:
                 return self.pipelines[key]
-        backend = stream.backend_for(device, file.io)
+        backend = backends.backend_for(device, file.io)  # module attributes: tests and benchmarks replace them
         pipe = None
         if backend is not None:
-            budget = stream.pinned_budget()
-            pipe = stream.Pipeline(backend, chunk_pool(self.threads).submit, self.threads, budget, self.failed)
+            budget, chunk = ring.pinned_budget(), ring.chunk_bytes()
+            pool = chunk_pool(self.threads)
+            pipe = Pipeline(backend, pool.submit, self.threads, budget, self._stopping, chunk=chunk)
         with self.lock:
             return self.pipelines.setdefault(key, pipe)
 
@@ -201,6 +307,11 @@ class LoadContext:
         with self.lock:
             self.closed = True
             self._planned.clear()
+            ahead, self._prefetched = list(self._prefetched.values()), {}
+            self.prefetch_bytes = 0
+        for future, _ in ahead:
+            future.cancel()  # not started: never runs; running: awaited below (it counts as active)
+        with self.lock:
             self._idle.wait_for(lambda: self.active == 0, timeout)
             handles = list(self.files.values())
             pipes = [p for p in self.pipelines.values() if p is not None and not p.closed]
@@ -263,9 +374,25 @@ class LoadContext:
         """True once any tensor of this load failed (chunks still queued for the load then stop early)."""
         return bool(self.errors)
 
+    def _stopping(self) -> bool:
+        """True once the load failed or ended: chunks still queued for it (a prefetch nobody will take) stop."""
+        return bool(self.errors) or self.closed
+
     def fail(self, error: BaseException) -> None:
         with self.lock:
             self.errors.append(error)
+
+
+def _same_target(target: tuple, device: Any, dtype: Any) -> bool:
+    _, planned_device, planned_dtype = target
+
+    def norm(d):
+        return None if d is None else torch.device(d)
+
+    try:
+        return norm(planned_device) == norm(device) and planned_dtype == dtype
+    except (RuntimeError, TypeError):
+        return False
 
 
 def _ended(path: str) -> CheckpointFileError:

@@ -71,7 +71,7 @@ class TensorSlice:
         self.info = info
 
     def get_shape(self) -> list[int]:
-        return list(self.info.shape)
+        return list(self.info.header_shape)
 
     def get_dtype(self) -> str:
         return self.info.dtype
@@ -84,7 +84,12 @@ class TensorSlice:
     def dtype(self) -> torch.dtype:
         return self.info.torch_dtype
 
+    def check_readable(self) -> None:
+        """Raises CheckpointContentError if torch cannot hold this tensor (safetensors refuses to read it too)."""
+        self.info.check_readable(self.file.path)
+
     def __getitem__(self, key) -> torch.Tensor:
+        self.check_readable()
         ctx = self.file.context
         whole = key is Ellipsis or (isinstance(key, tuple) and key == (Ellipsis,))
         if ctx is not None and whole:

@@ -4,7 +4,7 @@ Example:
     ```python
     from hf_fastload.engine.knobs import settings
 
-    settings()   # {"threads": 8, "io": "auto"}: HF_FASTLOAD_THREADS, HF_FASTLOAD_IO
+    settings()   # {"threads": 8, "io": "auto", "readahead": "entry"}
     ```
 """
 
@@ -15,15 +15,27 @@ from typing import Any
 
 from ..errors import FastLoadError
 
-__all__ = ["IO_MODES", "settings"]
+__all__ = ["IO_MODES", "READAHEAD_MODES", "settings"]
 
 IO_MODES = ("auto", "mmap", "pread", "direct")
+# HF_FASTLOAD_READAHEAD: when the kernel readahead of the checkpoint's files starts
+READAHEAD_MODES = {"1": "entry", "entry": "entry", "open": "open", "0": "off", "off": "off"}
 
 
 def settings() -> dict[str, Any]:
-    """The knobs, from the environment: ``HF_FASTLOAD_THREADS`` and ``HF_FASTLOAD_IO``."""
+    """The knobs, from the environment.
+
+    - ``threads``: ``HF_FASTLOAD_THREADS``, default ``min(8, max(2, cores))``;
+    - ``io``: ``HF_FASTLOAD_IO``, one of :data:`IO_MODES`;
+    - ``readahead``: ``HF_FASTLOAD_READAHEAD``: ``"entry"`` (``1``, the default: at the entry of the load, for the
+      files the folder or index names), ``"open"`` (as each file is opened) or ``"off"`` (``0``).
+    """
     threads = os.environ.get("HF_FASTLOAD_THREADS", "").strip()
     io = os.environ.get("HF_FASTLOAD_IO", "auto").strip().lower() or "auto"
     if io not in IO_MODES:
         raise FastLoadError(f"HF_FASTLOAD_IO={io!r} is not one of {', '.join(IO_MODES)}")
-    return {"threads": int(threads) if threads else min(8, max(2, os.cpu_count() or 2)), "io": io}
+    raw = os.environ.get("HF_FASTLOAD_READAHEAD", "1").strip().lower() or "1"
+    if raw not in READAHEAD_MODES:
+        raise FastLoadError(f"HF_FASTLOAD_READAHEAD={raw!r} is not one of {', '.join(READAHEAD_MODES)}")
+    threads_n = int(threads) if threads else min(8, max(2, os.cpu_count() or 2))
+    return {"threads": threads_n, "io": io, "readahead": READAHEAD_MODES[raw]}

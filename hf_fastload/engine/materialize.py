@@ -42,8 +42,11 @@ from .knobs import settings
 __all__ = ["materialize", "read_part"]
 
 
-def _tracked(ts: Any, make: Callable[[], tuple[torch.Tensor, str, TensorInfo]]) -> torch.Tensor:
-    """Runs ``make`` as one tensor of ``ts``'s load: counted in flight, its failure recorded, its result reported."""
+def _tracked(
+    ts: Any, make: Callable[[], tuple[torch.Tensor, str, TensorInfo]], record_failure: bool = True
+) -> torch.Tensor:
+    """Runs ``make`` as one tensor of ``ts``'s load: counted in flight, its failure recorded (unless
+    ``record_failure`` is False), its result reported."""
     ctx = ts.file.context
     start = time.perf_counter()
     if ctx is not None:
@@ -51,7 +54,7 @@ def _tracked(ts: Any, make: Callable[[], tuple[torch.Tensor, str, TensorInfo]]) 
     try:
         out, method, recorded = make()
     except BaseException as e:
-        if ctx is not None:
+        if ctx is not None and record_failure:
             ctx.fail(e)
         raise
     finally:
@@ -62,35 +65,44 @@ def _tracked(ts: Any, make: Callable[[], tuple[torch.Tensor, str, TensorInfo]]) 
     return out
 
 
-def materialize(ts: Any, device: Any = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+def materialize(
+    ts: Any, device: Any = None, dtype: torch.dtype | None = None, record_failure: bool = True
+) -> torch.Tensor:
     """The tensor behind ``ts`` (a :class:`~hf_fastload.engine.handle.TensorSlice`) on ``device`` (default CPU) in
-    ``dtype`` (default: as stored), owned or zero-copy; bit-identical to ``stored.to(device, dtype)``."""
+    ``dtype`` (default: as stored), owned or zero-copy; bit-identical to ``stored.to(device, dtype)``.
+
+    A failure is recorded in the load's context (which stops the rest of the load), unless ``record_failure`` is
+    False (a prefetch: the failure is recorded when the tensor is taken).
+    """
     file, info = ts.file, ts.info
     ctx = file.context
     target = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = dtype or info.torch_dtype
 
     def make() -> tuple[torch.Tensor, str, TensorInfo]:
+        info.check_readable(file.path)  # a tensor torch cannot hold (F6) is refused when read, as safetensors does
+        to_dtype = dtype or info.torch_dtype
         threads = ctx.threads if ctx is not None else settings()["threads"]
         pipe = ctx.pipeline(target, file) if ctx is not None and target.type != "meta" else None
+        if pipe is not None and to_dtype != info.torch_dtype and not pipe.backend.can_cast(info.torch_dtype, to_dtype):
+            pipe = None  # no device conversion with the CPU's bits: convert on the CPU, as stock does, then copy
         if target.type == "meta":
-            out, method = torch.empty(info.shape, dtype=dtype, device="meta"), "meta"
-        elif pipe is not None:
-            out = pipe.load(file, info, dtype)
-            method = f"stream({pipe.backend.name}){'+cast' if dtype != info.torch_dtype else ''}"
+            out, method = torch.empty(info.shape, dtype=to_dtype, device="meta"), "meta"
+        elif pipe is not None:  # the pipeline's tensor is on the (resolved) device already
+            out = pipe.load(file, info, to_dtype)
+            method = f"stream({pipe.backend.name}){'+cast' if to_dtype != info.torch_dtype else ''}"
         elif (
             target.type == "cpu"
             and getattr(ctx, "cache", None) is not None
-            and ctx.cache.wants(info, dtype, ctx.picked_pread(file))
+            and ctx.cache.wants(info, to_dtype, ctx.picked_pread(file))
         ):
-            out, method = _through_cache(ctx.cache, file, info, dtype, threads)
+            out, method = _through_cache(ctx.cache, file, info, to_dtype, threads)
         else:
-            out, method = _cpu(file, info, dtype, threads)
-        if target.type not in ("cpu", "meta"):
+            out, method = _cpu(file, info, to_dtype, threads)
+        if target.type not in ("cpu", "meta") and pipe is None:
             out, method = out.to(device=target), f"{method}+to({target.type})"
         return out, method, info
 
-    return _tracked(ts, make)
+    return _tracked(ts, make, record_failure)
 
 
 def _cpu(file: Any, info: TensorInfo, dtype: torch.dtype, threads: int) -> tuple[torch.Tensor, str]:

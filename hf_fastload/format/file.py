@@ -32,26 +32,32 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointContentError, CheckpointFileError
+from ..errors import (
+    CheckpointFileError,
+    CheckpointNotFoundError,
+    InvalidSafetensorsError,
+    TruncatedSafetensorsError,
+)
 from .header import HEADER_PREFIX, TensorInfo, parse_header
 
 __all__ = ["SafetensorsFile", "pread_into"]
 
 
 def pread_into(fd: int, path: str, buffer: memoryview, offset: int, tensor: str | None = None) -> None:
-    """Fills ``buffer`` from ``fd`` at ``offset``; a short read (the file shrank) raises CheckpointFileError."""
+    """Fills ``buffer`` from ``fd`` at ``offset``; a short read (the file shrank) raises TruncatedSafetensorsError."""
     done, total = 0, len(buffer)
     while done < total:
         try:
             n = os.preadv(fd, [buffer[done:]], offset + done)
         except OSError as e:
-            raise CheckpointFileError(f"cannot read {path} (tensor {tensor!r}) at offset {offset + done}: {e}") from e
+            message = f"cannot read {path} (tensor {tensor!r}) at offset {offset + done}: {e}"
+            raise CheckpointFileError.matching(message, e) from e  # keeps the class: IsADirectoryError, ...
         if n == 0:
             try:
                 ends = f"the file ends at {os.fstat(fd).st_size}"
             except OSError:
                 ends = f"no bytes could be read at offset {offset + done}"
-            raise CheckpointFileError(
+            raise TruncatedSafetensorsError(
                 f"truncated safetensors file {path}: tensor {tensor!r} needs bytes up to offset {offset + total}, "
                 f"{ends} (truncated while it was being loaded?)"
             )
@@ -80,15 +86,19 @@ class SafetensorsFile:
         try:
             self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as e:
-            raise CheckpointFileError(f"cannot open safetensors file {self.path}: {e.strerror or e}") from e
+            # safe_open raises FileNotFoundError for every file it cannot open (missing, permission denied, ...)
+            raise CheckpointNotFoundError(f"cannot open safetensors file {self.path}: {e.strerror or e}") from e
         try:
             self.size = os.fstat(self.fd).st_size
             prefix = os.pread(self.fd, HEADER_PREFIX, 0) if self.size >= HEADER_PREFIX else b""
             self.tensors, self._metadata = parse_header(
                 self.path, prefix, self.size, lambda n: os.pread(self.fd, n, HEADER_PREFIX)
             )
-        except BaseException:
+        except BaseException as e:
             os.close(self.fd)
+            if isinstance(e, OSError) and not isinstance(e, CheckpointFileError):  # a directory, an I/O error
+                message = f"cannot read safetensors file {self.path}: {e.strerror or e}"
+                raise CheckpointFileError.matching(message, e) from e
             raise
         self.data_end = max((info.start + info.nbytes for info in self.tensors.values()), default=0)
         self._ended = False  # closed by its owner: no tensor may be read any more
@@ -98,14 +108,14 @@ class SafetensorsFile:
         return sorted(self.tensors)
 
     def metadata(self) -> dict[str, str] | None:
-        return dict(self._metadata) if self._metadata else None
+        return dict(self._metadata) if self._metadata is not None else None
 
     def info(self, name: str) -> TensorInfo:
         """Where tensor ``name`` is; raises CheckpointContentError naming the file when it has no such tensor."""
         try:
             return self.tensors[name]
         except KeyError:
-            raise CheckpointContentError(f"{self.path}: no tensor named {name!r} in this file") from None
+            raise InvalidSafetensorsError(f"{self.path}: no tensor named {name!r} in this file") from None
 
     def __enter__(self) -> SafetensorsFile:
         return self
@@ -145,7 +155,7 @@ class SafetensorsFile:
         return self._mmap
 
     def check_size(self, end: int, tensor: str | None = None) -> None:
-        """Raises CheckpointFileError if the file now holds fewer than ``end`` bytes.
+        """Raises TruncatedSafetensorsError if the file now holds fewer than ``end`` bytes.
 
         Another process may truncate or rewrite the file while it is mapped; touching a mapped page past the file's
         new end kills this process with SIGBUS. Mapped reads call this first (one ``fstat``).
@@ -153,15 +163,15 @@ class SafetensorsFile:
         size = os.fstat(self._fd()).st_size
         if size < end:
             what = f"tensor {tensor!r} needs bytes up to offset {end}" if tensor else f"its data ends at offset {end}"
-            raise CheckpointFileError(
+            raise TruncatedSafetensorsError(
                 f"safetensors file {self.path} shrank while it was being loaded: {what}, the file now ends at {size} "
                 f"(it had {self.size} bytes when opened); was it truncated or rewritten in place by another process?"
             )
 
     def view(self, info: TensorInfo) -> torch.Tensor:
         """A zero-copy CPU view of one tensor (shares the file's pages until written)."""
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.torch_dtype)
+        if info.nbytes == 0:  # as safetensors makes it (torch.empty's strides overflow for absurd zero-size shapes)
+            return torch.empty(0, dtype=info.torch_dtype).reshape(info.shape)
         flat = torch.frombuffer(self.mapping(), dtype=torch.uint8, count=info.nbytes, offset=info.start)
         return flat.view(info.torch_dtype).view(info.shape)
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import transformers
 
-from ..errors import CheckpointContentError, VerificationError
+from ..errors import ShapeMismatchError, VerificationError
 
 __all__ = ["HUB_KWARGS", "how_initialized", "load_config", "shape_error", "verify"]
 
@@ -38,15 +38,20 @@ def load_config(source: str, kwargs: dict) -> Any:
     return config
 
 
-def shape_error(error: Exception, ctx: Any, cls: type, source: str, kwargs: dict) -> CheckpointContentError | None:
-    """Turns transformers' size-mismatch error into ours, naming each tensor, its file, and both shapes."""
+def shape_error(error: Exception, ctx: Any, cls: type, source: str, kwargs: dict) -> ShapeMismatchError | None:
+    """Turns transformers' size-mismatch error (a RuntimeError) into ours, naming each tensor, its file, and both
+    shapes; ours is a RuntimeError too, so ``except RuntimeError`` still catches it."""
     text = str(error)
-    if "size mismatch" not in text and "mismatched" not in text.lower():
+    if not isinstance(error, RuntimeError) or ("size mismatch" not in text and "mismatched" not in text.lower()):
         return None
     expected: dict[str, tuple] = {}
     prefix = ""
     try:  # the model as built from the config, on the meta device: cheap, and it has the expected shapes
         config = load_config(source, kwargs)
+        if config is not kwargs.get("config"):  # loaded here: keywords set its attributes, as from_pretrained does
+            for key, value in kwargs.items():  # (num_labels=42 makes the head the model expects)
+                if key not in HUB_KWARGS and key not in ("config", "dtype", "torch_dtype") and hasattr(config, key):
+                    setattr(config, key, value)
         with torch.device("meta"):
             meta = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
         expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
@@ -64,7 +69,7 @@ def shape_error(error: Exception, ctx: Any, cls: type, source: str, kwargs: dict
                     )
                     break
     where = "; ".join(sorted(set(found))[:5]) if found else "(transformers' report above lists them)"
-    return CheckpointContentError(
+    return ShapeMismatchError(
         f"checkpoint tensor shapes do not match the model built from the config: {where}. "
         "Fix the config or the checkpoint, or pass ignore_mismatched_sizes=True to re-initialize those weights. "
         f"transformers said: {text}"

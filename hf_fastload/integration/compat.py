@@ -18,11 +18,15 @@ tying, missing-key init and device placement. The hooks that hand the bytes path
 - both: ``transformers.modeling_utils.safe_open`` opens files with our validating reader while a fast load runs in
   the calling thread (other threads see the original);
 - 5.x: ``core_model_loading._materialize_copy(tensor, device, dtype)`` is where each checkpoint tensor becomes the
-  final tensor; for our slices the engine does it, reading and converting in one pass. ``_is_on_hf_mount`` answers
-  False during a fast load: the engine picks its own I/O mode, ``pread`` where stock would have read whole files;
+  final tensor; for our slices the engine does it, reading and converting in one pass. ``spawn_materialize``, which
+  submits every tensor to transformers' 4 loader threads up front, plans the tensors that stream to a device, so
+  that they are prefetched (more than 4 at once). ``_is_on_hf_mount`` answers False during a fast load: the engine
+  picks its own I/O mode, ``pread`` where stock would have read whole files;
 - 4.57: ``_load_state_dict_into_meta_model`` gets a wrapper that computes each tensor's target dtype and device
   with transformers' own ``_infer_parameter_dtype`` and device-map rule; when the original function reads a tensor
-  (``slice[...]``) it gets it already in its final dtype and device, and its own ``.to()`` calls are no-ops.
+  (``slice[...]``) it gets it already in its final dtype and device, and its own ``.to()`` calls are no-ops. The
+  loop takes one tensor at a time, so the next planned tensors are prefetched (materialized in the background, a
+  bounded window of bytes ahead: :meth:`~hf_fastload.engine.LoadContext.prefetch`) while it works.
 
 The patches are installed once while any fast load runs (refcounted under a lock) and removed after the last.
 """
@@ -47,8 +51,9 @@ __all__ = ["TRANSFORMERS_V5", "TRANSFORMERS_VERSION", "active_context", "hooks"]
 
 TRANSFORMERS_VERSION = version.parse(transformers.__version__)
 TRANSFORMERS_V5 = TRANSFORMERS_VERSION.major >= 5
-# Keyword arguments of from_pretrained that only 5.x knows.
-HAS_DISABLE_MMAP = TRANSFORMERS_V5
+# Keyword arguments of from_pretrained that only newer versions know: disable_mmap came with 5.6.0 (before it, stock
+# hands it to the model's __init__, which refuses it, and so do we).
+HAS_DISABLE_MMAP = version.parse(TRANSFORMERS_VERSION.base_version) >= version.parse("5.6")
 
 _local = threading.local()
 
@@ -73,10 +78,27 @@ def _patch_materialize_copy(original):
     @functools.wraps(original)
     def _materialize_copy(tensor, device=None, dtype=None):
         if isinstance(tensor, TensorSlice):
-            return tensor.file.context.materialize(tensor, device, dtype)
+            ctx = tensor.file.context
+            ready = ctx.take(tensor, device, dtype)
+            return ready if ready is not None else ctx.materialize(tensor, device, dtype)
         return original(tensor, device, dtype)
 
     return _materialize_copy
+
+
+def _patch_spawn_materialize(original):
+    @functools.wraps(original)
+    def spawn_materialize(thread_pool, tensor, device=None, dtype=None, sharding_op=None, *args, **kwargs):
+        # transformers 5 submits every checkpoint tensor to its 4 loader threads up front, in the order they run:
+        # tensors that stream to a device are planned and prefetched, so more than 4 stream at once
+        if thread_pool is not None and sharding_op is None and isinstance(tensor, TensorSlice):
+            ctx = tensor.file.context
+            if ctx is not None and ctx.streams(device, tensor.file):
+                ctx.plan(tensor, device, dtype)
+                ctx.prefetch()
+        return original(thread_pool, tensor, device, dtype, sharding_op, *args, **kwargs)
+
+    return spawn_materialize
 
 
 def _patch_is_on_hf_mount(original):
@@ -122,6 +144,7 @@ def _patch_load_into_meta_model(original):
                 _, casting_dtype = _infer_parameter_dtype(model, param_name, empty_param, keep_in_fp32_regex, None)
                 name = reverse_renaming_mapping[param_name]
                 ctx.plan(handle.get_slice(name), device, casting_dtype)
+            ctx.prefetch()  # the first tensors stream while the loop starts; each one taken prefetches more
         return original(model, state_dict, shard_file, reverse_renaming_mapping, device_map, *args, **kwargs)
 
     return _load_state_dict_into_meta_model
@@ -133,6 +156,8 @@ def _targets():
         import transformers.core_model_loading as cml  # 5.x only: 4.57 has no such module
 
         yield cml, "_materialize_copy", _patch_materialize_copy
+        if hasattr(cml, "spawn_materialize"):
+            yield cml, "spawn_materialize", _patch_spawn_materialize
         if hasattr(mu, "_is_on_hf_mount"):
             yield mu, "_is_on_hf_mount", _patch_is_on_hf_mount
     else:

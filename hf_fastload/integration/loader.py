@@ -26,12 +26,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import transformers
+from huggingface_hub import try_to_load_from_cache
 from transformers.utils import logging
+from transformers.utils.hub import cached_file
 
 from ..engine.context import LoadContext
 from ..engine.knobs import settings
-from ..errors import FallbackRequiredError
-from ..format.index import INDEX_NAME, check_folder
+from ..errors import FallbackRequiredError, FastLoadError
+from ..format.index import INDEX_NAME, check_folder, read_weight_map, refuse_shards_outside, weight_files
 from ..report import LoadReport, _set_last_report
 from . import caching, compat, distributed
 from .checks import how_initialized, load_config, shape_error, verify
@@ -78,6 +80,40 @@ def _resolve_class(model_class, source, kwargs):
     return transformers.AutoModel, config
 
 
+def _checkpoint_folder(source: str, kwargs: dict) -> str | None:
+    """The local folder holding the checkpoint: ``source`` itself, or the HF cache's snapshot of a hub id (found
+    without network); None when it is not known yet (transformers downloads or resolves it later)."""
+    subfolder = kwargs.get("subfolder") or ""
+    if os.path.isdir(source):
+        return os.path.join(source, subfolder)
+    try:
+        hub = {"cache_dir": kwargs.get("cache_dir"), "revision": kwargs.get("revision")}
+        found = try_to_load_from_cache(source, os.path.join(subfolder, "config.json"), **hub)
+    except Exception:  # not a valid repo id, an unreadable cache: transformers will say what is wrong
+        return None
+    return os.path.dirname(found) if isinstance(found, str) else None
+
+
+def _check_cached_index(repo_id: str, kwargs: dict) -> None:
+    """For a hub id: if its index is already in the HF cache, refuses shard names that leave its snapshot folder (an
+    index there could name another model's files in the same cache). Reads nothing from the network; what is not
+    cached yet, or cannot be looked up, is left to transformers."""
+    try:
+        hub = {k: kwargs[k] for k in ("cache_dir", "revision", "subfolder", "token") if kwargs.get(k) is not None}
+        index_path = cached_file(
+            repo_id, INDEX_NAME, local_files_only=True, _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False, **hub,
+        )  # fmt: skip
+    except Exception:  # not a repo id, a gated repo, ...: transformers says so in the load itself
+        return
+    if isinstance(index_path, str) and os.path.isfile(index_path):
+        try:
+            weight_map = read_weight_map(index_path)
+        except FastLoadError:  # a broken index: transformers reports it, as stock
+            return
+        refuse_shards_outside(index_path, weight_map)
+
+
 def _check_folder(folder: str, ctx: LoadContext) -> None:
     """:func:`~hf_fastload.format.index.check_folder` with the load's opener; warns about each stray shard."""
     for path in check_folder(folder, ctx.open):
@@ -115,16 +151,31 @@ def fast_load(
     report = LoadReport(source=source, transformers_version=transformers.__version__, threads=knobs["threads"])
     _set_last_report(report)
     cache_dir = caching.cache_dir(kwargs)  # fastload_cache= / HF_FASTLOAD_CACHE; stock never sees the keyword
-
-    cls, config = _resolve_class(model_class, source, kwargs)
-    load = entry or cls.from_pretrained
-    report.model_class = cls.__name__
-    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-    report.dtype = str(dtype) if dtype is not None else "default"
-    device_map = kwargs.get("device_map")
-    report.device = str(device_map) if device_map is not None else "cpu"
-    reason = fallback_reason(source, kwargs, config)
+    prefer_pread = bool(compat.HAS_DISABLE_MMAP and kwargs.get("disable_mmap"))
+    # a tensor-parallel rank reads only its own shards: no whole-file readahead
+    readahead = knobs["readahead"] != "off" and not distributed.tp_requested(kwargs)
+    ctx = LoadContext(knobs["io"], knobs["threads"], prefer_pread, readahead=readahead)
+    try:
+        folder = _checkpoint_folder(source, kwargs) if readahead and knobs["readahead"] == "entry" else None
+        if folder is not None:  # the disk works while transformers imports the model's code and builds it
+            ctx.read_ahead(weight_files(folder))
+        cls, config = _resolve_class(model_class, source, kwargs)
+        load = entry or cls.from_pretrained
+        report.model_class = cls.__name__
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        report.dtype = str(dtype) if dtype is not None else "default"
+        device_map = kwargs.get("device_map")
+        report.device = str(device_map) if device_map is not None else "cpu"
+        reason = fallback_reason(source, kwargs, config)
+        if reason is None and os.path.isdir(source):
+            _check_folder(os.path.join(source, kwargs.get("subfolder") or ""), ctx)
+        elif reason is None:
+            _check_cached_index(source, kwargs)
+    except BaseException:
+        ctx.close()
+        raise
     if reason is not None:
+        ctx.close()
         caching.fell_back(cache_dir, report)
         out = _fallback(load, source, model_args, kwargs, report, reason, strict, t0)
         report.rank, report.world_size = distributed.rank_and_world()
@@ -132,17 +183,8 @@ def fast_load(
         return _inference(out, inference)
 
     want_info = kwargs.pop("output_loading_info", False)
-    prefer_pread = False
-    if compat.HAS_DISABLE_MMAP and kwargs.get("disable_mmap"):
-        prefer_pread, kwargs["disable_mmap"] = True, False  # we read with pread; stock would read whole files
-    ctx = LoadContext(io=knobs["io"], threads=knobs["threads"], prefer_pread=prefer_pread)
-    ctx.readahead = not distributed.tp_requested(kwargs)  # a tensor-parallel rank reads only its own shards
-    if os.path.isdir(source):
-        try:
-            _check_folder(os.path.join(source, kwargs.get("subfolder") or ""), ctx)
-        except BaseException:
-            ctx.close()
-            raise
+    if prefer_pread:
+        kwargs["disable_mmap"] = False  # we read with pread; stock would read whole files
     try:
         session = caching.start(cache_dir, kwargs, ctx, report) if cache_dir else None
     except BaseException:

@@ -116,9 +116,12 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _run_worker(mode: str, path: str, options: list[str], env: dict[str, str]) -> dict[str, Any]:
+def _run_worker(mode: str, path: str, options: list[str], env: dict[str, str], timeout: float | None = None):
     cmd = [sys.executable, "-m", "hf_fastload.tools.bench_worker", mode, path, *options]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise WorkerError(f"the {mode} worker did not finish in {timeout:g}s: {' '.join(cmd)}") from e
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
@@ -151,13 +154,26 @@ def _summarize(records: list[dict], info: dict) -> dict[str, Any]:
             s["threads"] = reports[0]["threads"] if reports else None
         if mode == "floor" and "h2d_gb_per_s" in recs[0]:
             s["h2d_gb_per_s_median"] = statistics.median(r["h2d_gb_per_s"] for r in recs)
+            s["read_seconds_median"] = statistics.median(r["read_seconds"] for r in recs)
+            s["serial_seconds_median"] = statistics.median(r["serial_seconds"] for r in recs)
         summary[mode] = s
     med = {m: summary[m]["seconds_median"] for m in summary}
+    summary.update(_compare_checksums(records))
     if med.get("fast"):
         summary["stock_over_fast"] = med["stock"] / med["fast"] if "stock" in med else None
         summary["fast_over_floor"] = med["fast"] / med["floor"] if med.get("floor") else None
         summary["fast_gb_per_s"] = summary["fast"]["gb_per_s"]
     return summary
+
+
+def _compare_checksums(records: list[dict]) -> dict[str, Any]:
+    """Per-tensor checksums of every fast run against the first stock run's: ``{"checksums": {...}}`` or {}."""
+    stock = next((r["checksums"] for r in records if r["mode"] == "stock" and "checksums" in r), None)
+    fast = [r["checksums"] for r in records if r["mode"] == "fast" and "checksums" in r]
+    if stock is None or not fast:
+        return {}
+    bad = sorted({k for f in fast for k in set(stock) | set(f) if stock.get(k) != f.get(k)})
+    return {"checksums": {"tensors": len(stock), "fast_runs": len(fast), "equal": not bad, "differ": bad[:20]}}
 
 
 def bench(
@@ -171,6 +187,8 @@ def bench(
     json_path: str | None = None,
     plot_path: str | None = None,
     verbose: bool = True,
+    checksums: bool = False,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """Times stock ``from_pretrained``, ``fast_from_pretrained`` and the bytes floor on ``path``, ``runs`` times each.
 
@@ -182,8 +200,11 @@ def bench(
         disable_mmap (`bool`, *optional*, defaults to `False`): pass `disable_mmap=True` (transformers 5 only).
         runs (`int`, *optional*, defaults to `3`): rounds of stock, fast and floor; stock goes first in even rounds.
         forward (`bool`, *optional*, defaults to `False`): also time one forward pass over 8 tokens.
-        json_path, plot_path (`str`, *optional*): where to write the raw results, and a bar chart (needs matplotlib).
+        json_path, plot_path (`str`, *optional*): where to write the raw results (after every round, so a cut run
+            keeps what it measured), and a bar chart (needs matplotlib).
         verbose (`bool`, *optional*, defaults to `True`): print each round and the final table.
+        checksums (`bool`, *optional*, defaults to `False`): compare per-tensor checksums of fast's model with stock's.
+        timeout (`float`, *optional*): seconds each worker may take.
 
     Returns:
         `dict`: `machine`, `args`, `checkpoint`, `runs` (one record per worker) and `summary` (medians, ratios).
@@ -206,38 +227,42 @@ def bench(
     if os.path.isfile(os.path.join(source_tree, "pyproject.toml")):  # run from a checkout: workers import the same
         env["PYTHONPATH"] = os.pathsep.join(p for p in (source_tree, env.get("PYTHONPATH")) if p)
     options = ["--dtype", dtype, "--device", device]
-    options += ["--disable-mmap"] * disable_mmap + ["--forward"] * forward
+    options += ["--disable-mmap"] * disable_mmap + ["--forward"] * forward + ["--checksums"] * checksums
     _warm_page_cache(files)
 
-    records = []
+    records: list[dict] = []
+
+    def result_so_far() -> dict[str, Any]:
+        machine = machine_info()
+        cuda = next((r["cuda_device"] for r in records if r.get("cuda_device")), None)
+        if cuda:
+            machine["cuda_device"] = cuda
+        return {
+            "machine": machine,
+            "args": {"device": device, "dtype": dtype, "io": io or os.environ.get("HF_FASTLOAD_IO", "auto"),
+                     "disable_mmap": disable_mmap, "runs": runs, "forward": forward, "page_cache": "warm"},
+            "checkpoint": {"path": path, **info},
+            "runs": [{k: v for k, v in r.items() if k != "checksums"} for r in records],
+            "summary": _summarize(records, info),
+        }  # fmt: skip
+
     for run in range(runs):
         order = ("stock", "fast", "floor") if run % 2 == 0 else ("fast", "stock", "floor")
         for position, mode in enumerate(order):
             extra = ["--files", *files] if mode == "floor" else []
-            record = _run_worker(mode, path, options + extra, env)
+            record = _run_worker(mode, path, options + extra, env, timeout)
             record.update(run=run, position=position)
             records.append(record)
         if verbose:
             done = ", ".join(f"{r['mode']} {r['seconds']:.3f}s" for r in records if r["run"] == run)
             print(f"run {run + 1}/{runs}: {done}", flush=True)
+        if json_path:  # after every round: a run cut short keeps what it measured
+            with open(json_path, "w", encoding="utf-8") as fh:
+                json.dump(result_so_far(), fh, indent=2)
 
-    machine = machine_info()
-    cuda = next((r["cuda_device"] for r in records if r.get("cuda_device")), None)
-    if cuda:
-        machine["cuda_device"] = cuda
-    result = {
-        "machine": machine,
-        "args": {"device": device, "dtype": dtype, "io": io or os.environ.get("HF_FASTLOAD_IO", "auto"),
-                 "disable_mmap": disable_mmap, "runs": runs, "forward": forward, "page_cache": "warm"},
-        "checkpoint": {"path": path, **info},
-        "runs": records,
-        "summary": _summarize(records, info),
-    }  # fmt: skip
+    result = result_so_far()
     if verbose:
         print(format_table(result), flush=True)
-    if json_path:
-        with open(json_path, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
     if plot_path:
         write_plot(result, plot_path)
     return result
@@ -289,7 +314,17 @@ def format_table(result: dict[str, Any]) -> str:
         if fast["paths"] != ["fast"]:
             lines.append("  WARNING: the fast mode fell back to stock loading; see runs[].report.reason in --json")
     if s.get("floor", {}).get("h2d_gb_per_s_median"):
-        lines.append(f"  pinned host-to-device: {s['floor']['h2d_gb_per_s_median']:.1f} GB/s")
+        f = s["floor"]
+        copy = c["tensor_bytes"] / f["h2d_gb_per_s_median"] / 1e9
+        lines.append(
+            f"  pinned host-to-device: {f['h2d_gb_per_s_median']:.1f} GB/s; floor = max(read "
+            f"{f['read_seconds_median']:.3f}s, copy {copy:.3f}s); no overlap: {f['serial_seconds_median']:.3f}s"
+        )
+    if "checksums" in s:
+        k = s["checksums"]
+        seen = "all equal" if k["equal"] else "DIFFER: " + ", ".join(k["differ"])
+        runs = f"{k['tensors']} tensors, {k['fast_runs']} fast run(s)"
+        lines.append(f"  per-tensor checksums, fast vs stock: {seen} ({runs})")
     notes = sorted({n for r in result["runs"] for n in r.get("notes", [])})
     lines += [f"  note: {n}" for n in notes]
     return "\n".join(lines)

@@ -13,7 +13,12 @@ Modes:
 - ``floor``: no model, only the bytes: every tensor of the checkpoint read with ``os.preadv`` into fresh memory
   (``torch.empty``), or, when the requested dtype differs from the stored one, read in 8 MiB chunks into a reused
   per-thread buffer and converted into a fresh tensor of that dtype; as many threads as the fast loader uses. A load
-  that owns its tensors cannot do less work. On CUDA it also measures pinned host-to-device bandwidth.
+  that owns its tensors cannot do less work. On CUDA the bytes are read as stored (the device converts) and the
+  pinned host-to-device bandwidth is measured; the floor is then ``max(read, bytes / bandwidth)``, what a load that
+  overlaps reading and copying perfectly takes (``read + bytes / bandwidth``, no overlap, is reported too).
+
+With ``--checksums``, stock and fast also report two checksums of every tensor of the loaded model (the sum of its
+bit patterns, and a position-weighted sum), computed where the tensor is, so the parent can compare them.
 
 Everything is imported and the class resolved before the clock starts. The peak RSS counter is reset just before
 (``/proc/self/clear_refs``), so ``peak_rss_over_preload_bytes`` is the load's own peak above the RSS before it.
@@ -106,7 +111,30 @@ def _floor_chunk(file, info, dest, lo: int, hi: int) -> None:
     dest.view(-1)[lo // size : hi // size].copy_(buf[: hi - lo].view(info.torch_dtype))
 
 
-def run_floor(path: str, files: list[str], requested: str, threads: int) -> dict:
+def checksums(model) -> dict[str, list[int]]:
+    """Two checksums of every tensor of ``model.state_dict()``: the sum of its bit patterns and a position-weighted
+    sum (int64, wrapping), computed on the tensor's device in blocks."""
+    import torch
+
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    out = {}
+    for name, t in model.state_dict().items():
+        flat = t.detach().contiguous().view(-1)
+        if flat.dtype.is_complex or flat.element_size() not in ints:
+            continue
+        bits = flat.view(ints[flat.element_size()])
+        plain = weighted = 0
+        block = 1 << 26
+        for lo in range(0, bits.numel(), block):
+            part = bits[lo : lo + block].to(torch.int64)
+            w = torch.arange(lo, lo + part.numel(), device=part.device, dtype=torch.int64) % 65521 + 1
+            plain += int(part.sum())
+            weighted += int((part * w).sum())
+        out[name] = [plain % (1 << 64), weighted % (1 << 64)]
+    return out
+
+
+def run_floor(path: str, files: list[str], requested: str, threads: int, device: str = "cpu") -> dict:
     """Reads (and converts) every tensor of ``files`` with ``threads`` threads; returns what the parent needs."""
     import torch  # import cost, as everywhere in this module
 
@@ -116,6 +144,9 @@ def run_floor(path: str, files: list[str], requested: str, threads: int) -> dict
     infos = [(h, info) for h in handles for info in h.tensors.values()]
     stored = infos[0][1].torch_dtype if infos else torch.float32
     target = _target_dtype(path, requested, stored)
+    converted = target
+    if device == "cuda":
+        target = None  # the device pipeline reads the bytes as stored; the conversion runs on the GPU
     kept = []
     reset_peak_rss()
     rss0 = vm_bytes("VmRSS")
@@ -123,7 +154,7 @@ def run_floor(path: str, files: list[str], requested: str, threads: int) -> dict
     with ThreadPoolExecutor(threads) as pool:
         futures = []
         for h, info in infos:
-            same = info.torch_dtype == target
+            same = target is None or info.torch_dtype == target
             dest = torch.empty(info.nbytes, dtype=torch.uint8) if same else torch.empty(info.shape, dtype=target)
             kept.append(dest)
             # Chunks hold whole elements: CHUNK_BYTES is a multiple of every itemsize.
@@ -135,9 +166,9 @@ def run_floor(path: str, files: list[str], requested: str, threads: int) -> dict
     result = {
         "seconds": seconds,
         "peak_rss_over_preload_bytes": max(0, vm_bytes("VmHWM") - rss0),
-        "model_bytes": sum(info.numel for _, info in infos) * target.itemsize,
+        "model_bytes": sum(info.numel for _, info in infos) * converted.itemsize,
         "bytes_read": sum(info.nbytes for _, info in infos),
-        "floor_dtype": str(target).removeprefix("torch."),
+        "floor_dtype": str(converted).removeprefix("torch."),
         "threads": threads,
     }
     for h in handles:
@@ -211,6 +242,8 @@ def run_load(args) -> dict:
         report = hf_fastload.last_report()
         result["report"] = report.to_dict() if report is not None else None
         result["path"] = report.path if report is not None else None
+    if args.checksums:
+        result["checksums"] = checksums(model)
     if args.forward:
         vocab = getattr(model.config, "vocab_size", None) or 100
         ids = torch.randint(0, vocab, (1, 8), device=next(model.parameters()).device)
@@ -233,15 +266,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--disable-mmap", action="store_true")
     parser.add_argument("--forward", action="store_true")
+    parser.add_argument("--checksums", action="store_true", help="stock, fast: per-tensor checksums of the model")
     parser.add_argument("--files", nargs="*", default=None, help="floor: the safetensors files")
     args = parser.parse_args(argv)
 
     if args.mode == "floor":
         from ..engine.knobs import settings  # import cost: the floor imports torch, not transformers
 
-        result = run_floor(args.path, args.files or checkpoint_files(args.path), args.dtype, settings()["threads"])
+        files = args.files or checkpoint_files(args.path)
+        result = run_floor(args.path, files, args.dtype, settings()["threads"], args.device)
         if args.device == "cuda":
             result.update(h2d_bandwidth())
+            if result.get("h2d_gb_per_s"):
+                result["read_seconds"] = result["seconds"]
+                result["h2d_seconds"] = result["bytes_read"] / (result["h2d_gb_per_s"] * 1e9)
+                result["serial_seconds"] = result["read_seconds"] + result["h2d_seconds"]
+                result["seconds"] = max(result["read_seconds"], result["h2d_seconds"])
     else:
         result = run_load(args)
     result["mode"] = args.mode

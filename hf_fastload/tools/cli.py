@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--json", dest="json_path", metavar="OUT.json", help="write raw runs, summary and machine info")
     b.add_argument("--plot", dest="plot_path", metavar="OUT.png", help="write a bar chart (needs matplotlib)")
     b.add_argument("--forward", action="store_true", help="also time one forward pass over 8 tokens")
+    b.add_argument(
+        "--checksums", action="store_true", help="compare per-tensor checksums of fast's model with stock's"
+    )
+    b.add_argument("--timeout", type=float, default=None, help="seconds each worker process may take")
     d = sub.add_parser("demo", help="build a small bf16 Llama once and bench loading it as float32")
     d.add_argument("--params", type=float, default=1.5e8, help="parameters of the demo model (default 1.5e8)")
     d.add_argument("--dir", dest="directory", help="checkpoint folder (default ~/.cache/hf_fastload/demo-<params>)")
