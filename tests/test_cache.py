@@ -142,6 +142,18 @@ def test_writes_to_parameters_never_reach_the_entry(ckpt, tmp_path):
     assert_same_model(_stock(ckpt), third)
 
 
+def test_readahead_at_entry_reads_the_entries_not_the_checkpoint(ckpt, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HF_FASTLOAD_READAHEAD", "entry")
+    seen: list[str] = []
+    monkeypatch.setattr(context.LoadContext, "read_ahead", lambda self, paths: seen.extend(paths))
+    _fast(ckpt, cache)
+    assert seen == [os.path.join(ckpt, "model.safetensors")]
+    seen.clear()
+    _, report = _fast(ckpt, cache)
+    assert report.cache["status"] == "hit" and seen == _entries(cache)
+
+
 def test_same_dtype_load_does_not_use_the_cache(ckpt, tmp_path):
     cache = tmp_path / "cache"
     _, report = _fast(ckpt, cache, dtype=torch.bfloat16)

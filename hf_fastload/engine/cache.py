@@ -576,6 +576,23 @@ class CacheSession:
             for name, info in entry.tensors.items():
                 src.entries.setdefault((name, info.dtype), (entry, info))
 
+    def readahead_targets(self, paths: list[str]) -> list[str]:
+        """What to read ahead at the start of a load instead of ``paths`` (checkpoint files): a file that has
+        published entries is replaced by them, since a hit maps the entry and never reads the file. In the content
+        key mode (which reads every file anyway) the files as given."""
+        if self.key_mode != "identity":
+            return list(paths)
+        out: list[str] = []
+        for path in paths:
+            try:
+                with SafetensorsFile(path, io="pread") as f:
+                    key, _ = source_key(f, self.key_mode)
+            except (OSError, ValueError):  # the load itself reports a file it cannot read
+                out.append(path)
+                continue
+            out.extend(self.store.entry_paths(key) or [path])
+        return out
+
     def wants(self, info: TensorInfo, dtype: torch.dtype, remote: bool) -> bool:
         """Whether a CPU tensor goes through the cache: it is converted to another dtype, or read with ``pread``
         because its file is on network or FUSE storage (``remote``), and safetensors can store its dtype."""

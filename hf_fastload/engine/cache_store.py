@@ -76,12 +76,13 @@ def _content_digest(fd: int, size: int, threads: int = 4) -> str:
     def piece(offset: int) -> bytes:
         h = hashlib.sha256()
         end = min(offset + _HASH_CHUNK, size)
+        buf = memoryview(bytearray(min(1 << 20, end - offset) or 1))  # reused: fresh memory is slow to touch
         while offset < end:
-            data = os.pread(fd, min(8 << 20, end - offset), offset)
-            if not data:
+            n = os.preadv(fd, [buf[: min(len(buf), end - offset)]], offset)
+            if n <= 0:
                 raise OSError(f"the file ended at {offset} while it was being hashed (it shrank?)")
-            h.update(data)
-            offset += len(data)
+            h.update(buf[:n])
+            offset += n
         return h.digest()
 
     pool = get_pool("hash", threads)

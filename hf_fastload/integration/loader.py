@@ -156,9 +156,11 @@ def fast_load(
     readahead = knobs["readahead"] != "off" and not distributed.tp_requested(kwargs)
     ctx = LoadContext(knobs["io"], knobs["threads"], prefer_pread, readahead=readahead)
     try:
+        session = caching.start(cache_dir, kwargs, ctx, report) if cache_dir else None
         folder = _checkpoint_folder(source, kwargs) if readahead and knobs["readahead"] == "entry" else None
         if folder is not None:  # the disk works while transformers imports the model's code and builds it
-            ctx.read_ahead(weight_files(folder))
+            files = weight_files(folder)
+            ctx.read_ahead(session.readahead_targets(files) if session else files)  # cached: the entries instead
         cls, config = _resolve_class(model_class, source, kwargs)
         load = entry or cls.from_pretrained
         report.model_class = cls.__name__
@@ -185,11 +187,6 @@ def fast_load(
     want_info = kwargs.pop("output_loading_info", False)
     if prefer_pread:
         kwargs["disable_mmap"] = False  # we read with pread; stock would read whole files
-    try:
-        session = caching.start(cache_dir, kwargs, ctx, report) if cache_dir else None
-    except BaseException:
-        ctx.close()
-        raise
     loaded = False
     t_build = time.perf_counter()
     try:
