@@ -37,9 +37,10 @@ The unit is one checkpoint tensor converted to one dtype: ``(source file, tensor
   ends sooner hands the rest to a small detached process (``python -I -S``: ``fsync``, ``rename``), so its exit
   waits neither for the disk nor loses the entry. A failed load, or any problem writing, drops the entry.
 
-One process writes a source's entry at a time (a lock file); the others load as usual without writing. Nothing in
-here raises into the load for a cache problem: a folder that is read-only or full, a corrupt entry, a lost lock race
-end in a normal load, and :meth:`CacheSession.summary` says what happened (the integration logs the warnings).
+One process writes a source's entry at a time (a lock file); the others load as usual without writing. A folder that
+is read-only or full, a corrupt entry, a lost lock race end in a normal load, and :meth:`CacheSession.summary` says
+what happened (the integration logs the warnings). The one cache error a load raises: an entry cut short while the
+load maps it (``CheckpointFileError``; touching its missing pages would be a SIGBUS).
 """
 
 from __future__ import annotations
