@@ -489,7 +489,9 @@ def test_enospc_in_the_middle_of_the_load(ckpt, tmp_path, monkeypatch):
     model, report = _fast(ckpt, cache)
     assert len(calls) >= 20 and report.cache["written"] == 0
     assert "No space left" in " ".join(report.cache["warnings"])
-    assert report.methods.get("convert+cache-write", 0) > 0 and report.methods.get("convert", 0) > 0, report.methods
+    # tensors written before the failure are views of the dropped entry, the others converted as usual
+    assert report.methods.get("convert+cache-write", 0) > 0, report.methods
+    assert report.methods.get("convert+cache-write", 0) + report.methods.get("convert", 0) == report.tensors_loaded
     assert_same_model(_stock(ckpt), model)
     assert _entries(cache) == [] and _leftovers(cache) == []
 
