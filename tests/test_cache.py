@@ -413,7 +413,7 @@ def test_a_program_that_ends_first_hands_off_publishing(ckpt, tmp_path):
     proc = _worker(ckpt, cache, CACHE_WORKER_SLOW_FSYNC="60")
     line = proc.stdout.readline()
     printed = time.monotonic()
-    proc.wait(timeout=120)
+    proc.communicate(timeout=120)  # waits for the exit, closes the pipes
     assert time.monotonic() - printed < 40, "the program waited for the slow fsync"
     assert json.loads(line)["cache"]["written"] > 0
     assert len(_published(cache)) == 1 and _leftovers(cache) == []
