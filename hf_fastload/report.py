@@ -41,6 +41,11 @@ class LoadReport:
             `RANK` / `WORLD_SIZE` environment); 0 and 1 outside a distributed run.
         tensors_loaded (`int`): tensors materialized; `zero_copy` of them are views of the file mapping;
             `methods` counts how each was made (`zero-copy`, `pread`, `convert`, `...+to(cuda)`).
+        quantization (`str`, *optional*): how the model is quantized (``"bitsandbytes 4-bit, quantized on load"``,
+            ``"bitsandbytes 8-bit, pre-quantized"``): the checkpoint's bytes went through hf_fastload, transformers'
+            quantizer made the quantized tensors.
+        adapter (`str`, *optional*): the PEFT adapter transformers loaded on top of the base model (a path or hub
+            id); the base's weights went through hf_fastload.
         missing_keys (`dict[str, str]`): model keys the checkpoint lacks, and how each was initialized.
         unexpected_keys, mismatched_keys (`list[str]`): as transformers reports them.
         cache (`dict`, *optional*): with the converted-tensor cache on (``HF_FASTLOAD_CACHE``, ``fastload_cache``):
@@ -71,6 +76,8 @@ class LoadReport:
     tensors_loaded: int = 0
     zero_copy: int = 0
     methods: dict[str, int] = field(default_factory=dict)
+    quantization: str | None = None
+    adapter: str | None = None
     missing_keys: dict[str, str] = field(default_factory=dict)
     unexpected_keys: list[str] = field(default_factory=list)
     mismatched_keys: list[str] = field(default_factory=list)
@@ -98,6 +105,10 @@ class LoadReport:
         head = f"hf_fastload: {self.model_class} from {self.source}: path={self.path}"
         if self.reason:
             head += f" ({self.reason})"
+        if self.quantization:
+            head += f", {self.quantization}"
+        if self.adapter:
+            head += f", adapter {self.adapter}"
         phases = ", ".join(f"{k} {self.seconds[k]:.3f}s" for k in (*PHASES, "total") if k in self.seconds)
         how = ", ".join(f"{n} {m}" for m, n in sorted(self.methods.items())) or "none"
         lines = [

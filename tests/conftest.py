@@ -14,6 +14,21 @@ import torch  # noqa: E402
 from models import build_checkpoint  # noqa: E402
 
 
+def pytest_report_header(config) -> str:
+    """Whether this run sees peft: transformers' Auto classes pass other arguments to every load when it does."""
+    import importlib.metadata
+    import importlib.util
+    import sys
+
+    try:
+        installed = importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
+        return "peft: not installed (pip install -e '.[test]' installs it)"
+    if "peft" in sys.modules and sys.modules["peft"] is None:
+        return f"peft: {installed} installed, hidden from this run (tests/nopeft on PYTHONPATH)"
+    return f"peft: {installed}" if importlib.util.find_spec("peft") else f"peft: {installed} installed, not importable"
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """checkpoints(kind, dtype, sharded) -> folder, built once per session."""

@@ -160,6 +160,21 @@ def test_on_patches_right_after_transformers_is_imported(hook_installed, checkpo
     assert [line["path"] for line in _report_lines(report)] == ["fast"]
 
 
+_FROM_IMPORT = """
+from transformers import pipeline
+import transformers
+print(pipeline is transformers.pipeline, pipeline.__code__.co_filename.endswith("optin.py"))
+"""
+
+
+def test_from_transformers_import_pipeline(hook_installed):
+    """transformers.pipelines imports modeling_utils while it runs; the hook of the latter must not read the former's
+    half-made names (it did, and printed "running without hf_fastload" while running with it)."""
+    proc = _python(["-c", _FROM_IMPORT], _env(HF_FASTLOAD="1"))
+    assert proc.stdout.split() == ["True", "True"]
+    assert "hf_fastload" not in proc.stderr, proc.stderr
+
+
 _HEAVY = """
 import sys
 import transformers

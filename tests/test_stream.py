@@ -555,7 +555,9 @@ def test_next_tensors_are_prefetched(checkpoints, small_ring, contexts, device, 
         stock, stock_info, fast, fast_info = load_both(path, model_class("llama"), **kwargs)
     assert_same_model(stock, fast, stock_info, fast_info)
     ctx = contexts[-1]
-    if device == "cpu" and compat.TRANSFORMERS_V5:
+    # 5.x: CPU tensors are not prefetched; 4.57: nor are zero-copy views (same dtype, mmap), which cost nothing and,
+    # made ahead, would outlive the size check that guards their pages
+    if device == "cpu" and (compat.TRANSFORMERS_V5 or request_dtype == torch.bfloat16):
         assert ctx.prefetched == 0
         return
     assert ctx.prefetched >= ctx.tensors - 4, "the loader found its tensors prefetched"

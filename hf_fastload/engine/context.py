@@ -79,6 +79,7 @@ class LoadContext:
         self._prefetched: dict[tuple[str, str], tuple[Future, int]] = {}  # key -> (materializing, target bytes)
         self.prefetch_bytes = 0  # target bytes prefetched and not yet taken
         self.prefetch_window = PREFETCH_BYTES
+        self._instant: set[tuple[str, str]] = set()  # planned tensors that will be zero-copy views: never prefetched
         self.prefetched = 0  # tensors that were prefetched, and the most target bytes ahead at once
         self.peak_prefetch_bytes = 0
         self.pipelines: dict[str, Any] = {}  # resolved device -> Pipeline, made on its first tensor
@@ -200,7 +201,10 @@ class LoadContext:
                 return
             self._order.append(key)
             self._planned[key] = (ts, device, dtype)
-        self.streams(device, ts.file)  # a device's pipeline, and its ring's allocation, start with its first plan
+        streams = self.streams(device, ts.file)  # a device's pipeline, and its ring's allocation, start here
+        if not streams and _zero_copy(ts, device, dtype):
+            with self.lock:
+                self._instant.add(key)
 
     def prefetch(self) -> None:
         """Starts materializing the next planned tensors in the background, in plan order, while the caller works
@@ -217,7 +221,9 @@ class LoadContext:
                 key = self._order[self._next]
                 self._next += 1
                 target = self._planned.get(key)
-                if target is None or key in self._prefetched:
+                # a zero-copy view costs nothing to make when asked for; made ahead, it would outlive the size check
+                # that guards its pages (a file truncated in between would be a SIGBUS when the loop copies it)
+                if target is None or key in self._prefetched or key in self._instant:
                     continue
                 ts, device, dtype = target
                 nbytes = ts.info.numel * (dtype or ts.info.torch_dtype).itemsize
@@ -381,6 +387,16 @@ class LoadContext:
     def fail(self, error: BaseException) -> None:
         with self.lock:
             self.errors.append(error)
+
+
+def _zero_copy(ts: TensorSlice, device: Any, dtype: torch.dtype | None) -> bool:
+    """Whether ``ts`` on ``device`` in ``dtype`` is a view of the file mapping (a same-dtype CPU load with mmap)."""
+    try:
+        on_cpu = device is None or torch.device(device).type == "cpu"
+    except (RuntimeError, TypeError):
+        return False
+    info = ts.info
+    return on_cpu and ts.file.io == "mmap" and info.unreadable is None and dtype in (None, info.torch_dtype)
 
 
 def _same_target(target: tuple, device: Any, dtype: Any) -> bool:

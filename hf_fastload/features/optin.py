@@ -98,16 +98,24 @@ def _uninstall_pipelines() -> None:
     _pipelines = None
 
 
-def _on_import(_module) -> None:
+def _on_import(module) -> None:
     """Post-import hook of MODELING and PIPELINES: puts in the patch that was waiting for that module."""
     _preload()
     with _lock:
-        _update()
+        _update(done=getattr(module, "__name__", None))
 
 
-def _update() -> None:
-    """Installs or removes the patches to match the switch and the open blocks; call with ``_lock`` held."""
+def _update(done: str | None = None) -> None:
+    """Installs or removes the patches to match the switch and the open blocks; call with ``_lock`` held.
+
+    ``done`` names a module whose code has just finished running (the post-import hook's module), which counts as
+    imported even though the import machinery has not marked it so yet.
+    """
     global _active, _routing
+    def importing(name: str) -> bool:  # in sys.modules, its code still running
+        spec = getattr(sys.modules.get(name), "__spec__", None)
+        return name != done and bool(getattr(spec, "_initializing", False))
+
     want = _switch or _blocks > 0
     if want:
         _active = True
@@ -116,10 +124,13 @@ def _update() -> None:
 
             routing.route_globally(True)
             _routing = True
-        if _pipelines is None and PIPELINES in sys.modules:
+        # transformers.pipelines imports modeling_utils while it runs: that hook must not read its half-made names
+        # (`from transformers import pipeline` did, and printed a false "running without hf_fastload"); the hook
+        # that waits for the pipelines module installs the patch once the module has run
+        if _pipelines is None and PIPELINES in sys.modules and not importing(PIPELINES):
             _install_pipelines()
-        for name, done in ((MODELING, _routing), (PIPELINES, _pipelines is not None)):
-            if not done:
+        for name, installed in ((MODELING, _routing), (PIPELINES, _pipelines is not None)):
+            if not installed and not importing(name):
                 hook.when_imported(name, _on_import)
     elif _active:
         for name in (MODELING, PIPELINES):

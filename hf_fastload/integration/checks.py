@@ -11,15 +11,17 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import torch
 import transformers
+from transformers.utils import find_adapter_config_file, is_peft_available
 
 from ..errors import ShapeMismatchError, VerificationError
 
-__all__ = ["HUB_KWARGS", "how_initialized", "load_config", "shape_error", "verify"]
+__all__ = ["HUB_KWARGS", "adapter_base", "how_initialized", "load_config", "shape_error", "verify"]
 
 # Keyword arguments of from_pretrained that locate files; the same ones go to AutoConfig when we need the config.
 HUB_KWARGS = (
@@ -30,12 +32,35 @@ HUB_KWARGS = (
 
 def load_config(source: str, kwargs: dict) -> Any:
     """The config a ``from_pretrained(source, **kwargs)`` call uses: ``kwargs["config"]`` when it is an object, else
-    loaded with the same hub arguments."""
+    loaded with the same hub arguments (from the base model, when ``source`` is a PEFT adapter)."""
     config = kwargs.get("config")
     if config is None or isinstance(config, (str, os.PathLike)):
         hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-        config = transformers.AutoConfig.from_pretrained(config or source, **hub)
+        config = transformers.AutoConfig.from_pretrained(config or adapter_base(source, kwargs) or source, **hub)
     return config
+
+
+def adapter_base(source: str, kwargs: dict) -> str | None:
+    """The base model a ``from_pretrained(source, **kwargs)`` call loads when ``source`` is a PEFT adapter, else None.
+
+    transformers' rule: with peft installed, when ``find_adapter_config_file`` finds an ``adapter_config.json`` for
+    ``source``, the model loaded is that config's ``base_model_name_or_path`` (a local path or a hub id), and the
+    adapter is loaded on top of it; 5.x keeps ``source`` when it is a local folder with a ``config.json`` of its own
+    (a model with an embedded adapter), and so does this hint on both lines. Used before the load to find the config
+    (the class, the quantization) and the base folder to check; the load itself is stock's.
+    """
+    if not is_peft_available() or os.path.isfile(os.path.join(source, transformers.utils.CONFIG_NAME)):
+        return None
+    hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+    try:
+        found = find_adapter_config_file(source, **hub)
+        if found is None:
+            return None
+        with open(found, encoding="utf-8") as fh:
+            base = json.load(fh).get("base_model_name_or_path")
+    except Exception:  # stock makes the same lookup and raises or decides; this is only a hint
+        return None
+    return base if isinstance(base, str) and base else None
 
 
 def shape_error(error: Exception, ctx: Any, cls: type, source: str, kwargs: dict) -> ShapeMismatchError | None:

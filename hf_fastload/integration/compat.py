@@ -28,6 +28,13 @@ tying, missing-key init and device placement. The hooks that hand the bytes path
   loop takes one tensor at a time, so the next planned tensors are prefetched (materialized in the background, a
   bounded window of bytes ahead: :meth:`~hf_fastload.engine.LoadContext.prefetch`) while it works.
 
+Quantized loads (the methods :mod:`~hf_fastload.integration.fallback` lets through: bitsandbytes, torchao, FP8)
+keep this path: the quantizer consumes the tensors after it (5.x: its quantize op runs on what ``_materialize_copy``
+returned; 4.57: ``create_quantized_param`` gets the tensor the slice returned, in the quantizer's pre-quantization
+dtype, on the shard's device), so the bytes are ours and the quantization stock's.
+
+Outside the hooks, :func:`adapter_lookup_kwargs` says how each version looks for a PEFT adapter in a load.
+
 The patches are installed once while any fast load runs (refcounted under a lock) and removed after the last.
 """
 
@@ -39,6 +46,7 @@ import re
 import threading
 from collections.abc import Iterator
 
+import torch
 import transformers
 import transformers.modeling_utils as mu
 from packaging import version
@@ -47,7 +55,7 @@ from ..engine.context import LoadContext
 from ..engine.handle import TensorSlice
 from .patching import PatchSet
 
-__all__ = ["TRANSFORMERS_V5", "TRANSFORMERS_VERSION", "active_context", "hooks"]
+__all__ = ["TRANSFORMERS_V5", "TRANSFORMERS_VERSION", "active_context", "adapter_lookup_kwargs", "hooks"]
 
 TRANSFORMERS_VERSION = version.parse(transformers.__version__)
 TRANSFORMERS_V5 = TRANSFORMERS_VERSION.major >= 5
@@ -61,6 +69,44 @@ _local = threading.local()
 def active_context() -> LoadContext | None:
     """The LoadContext of the fast load running in this thread, if any."""
     return getattr(_local, "ctx", None)
+
+
+def adapter_lookup_kwargs(kwargs: dict, adapter_kwargs: dict) -> dict:
+    """The keyword arguments with which this version's ``from_pretrained(**kwargs)`` calls
+    ``find_adapter_config_file`` when peft is installed and ``adapter_kwargs`` names no ``_adapter_model_path``.
+
+    - 5.x (``integrations.peft.maybe_load_adapters``): ``adapter_kwargs``, plus the load's ``cache_dir``, ``proxies``,
+      ``subfolder`` and ``revision`` where ``adapter_kwargs`` has none of its own, and always the load's
+      ``force_download``, ``local_files_only`` and token (the load's, else ``adapter_kwargs``' token);
+    - 4.57: the load's ``cache_dir``, ``force_download``, ``proxies``, ``local_files_only`` and commit hash, plus
+      ``adapter_kwargs`` with the load's token added; no ``subfolder`` unless ``adapter_kwargs`` has one, so 4.57
+      looks for ``adapter_config.json`` at the repository's root.
+
+    Args:
+        kwargs (`dict`): the keyword arguments of the ``from_pretrained`` call.
+        adapter_kwargs (`dict`): its ``adapter_kwargs``, without ``_adapter_model_path``.
+    """
+    lookup = dict(adapter_kwargs)
+    if TRANSFORMERS_V5:
+        token = lookup.pop("token", None)
+        for name in ("cache_dir", "proxies", "subfolder", "revision"):
+            lookup.setdefault(name, kwargs.get(name, "" if name == "subfolder" else None))
+        lookup["force_download"] = bool(kwargs.get("force_download", False))
+        lookup["local_files_only"] = bool(kwargs.get("local_files_only", False))
+        lookup["token"] = kwargs.get("token") or token
+        return lookup
+    if kwargs.get("token") is not None:
+        lookup.setdefault("token", kwargs["token"])
+    config = kwargs.get("config")
+    commit = kwargs.get("_commit_hash") or getattr(config, "_commit_hash", None)
+    lookup.update(
+        cache_dir=kwargs.get("cache_dir"),
+        force_download=kwargs.get("force_download", False),
+        proxies=kwargs.get("proxies"),
+        local_files_only=kwargs.get("local_files_only", False),
+        _commit_hash=commit if isinstance(commit, str) else None,
+    )
+    return lookup
 
 
 def _patch_safe_open(original):
@@ -120,6 +166,15 @@ def _v4_target_device(device_map, param_name):
     return device_map[match.group()] if match else None
 
 
+def _v4_file_device(device_map):
+    """The device 4.57's ``_load_state_dict_into_meta_model`` opens the shard on (where ``slice[...]`` puts a
+    tensor): the device of a single-device map (``{"": device}``), else the CPU."""
+    device = (device_map or {}).get("")
+    if device is None or device in ("cpu", torch.device("cpu")):
+        return "cpu"
+    return device.index if isinstance(device, torch.device) else device
+
+
 def _patch_load_into_meta_model(original):
     from transformers.modeling_utils import _infer_parameter_dtype  # 4.57 only: 5.x has no such function
 
@@ -129,19 +184,21 @@ def _patch_load_into_meta_model(original):
     ):
         ctx = active_context()
         hf_quantizer = kwargs.get("hf_quantizer")
-        if (
-            ctx is not None
-            and str(shard_file).endswith(".safetensors")
-            and hf_quantizer is None
-            and kwargs.get("device_mesh") is None
-        ):
+        if ctx is not None and str(shard_file).endswith(".safetensors") and kwargs.get("device_mesh") is None:
             keep_in_fp32_regex = kwargs.get("keep_in_fp32_regex")
+            file_device = _v4_file_device(device_map)
             handle = ctx.open(shard_file)
             for param_name, empty_param in state_dict.items():
                 device = _v4_target_device(device_map, param_name)
                 if device is None or device == "disk":
                     continue
-                _, casting_dtype = _infer_parameter_dtype(model, param_name, empty_param, keep_in_fp32_regex, None)
+                # with a quantizer, the dtype is its pre-quantization dtype; a tensor it quantizes stays where the
+                # file's slice put it (create_quantized_param moves it), the others go to their device as usual
+                _, casting_dtype = _infer_parameter_dtype(
+                    model, param_name, empty_param, keep_in_fp32_regex, hf_quantizer
+                )
+                if hf_quantizer is not None and hf_quantizer.param_needs_quantization(model, param_name):
+                    device = file_device
                 name = reverse_renaming_mapping[param_name]
                 ctx.plan(handle.get_slice(name), device, casting_dtype)
             ctx.prefetch()  # the first tensors stream while the loop starts; each one taken prefetches more

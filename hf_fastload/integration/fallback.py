@@ -20,12 +20,13 @@ from typing import Any
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_utils import is_fsdp_enabled
 
-from ..format.index import INDEX_NAME, WEIGHTS_NAME
 from . import compat, distributed
+from .checks import HUB_KWARGS, adapter_base
 
-__all__ = ["env_true", "fallback_reason"]
+__all__ = ["FAST_ON_LOAD", "FAST_PRE_QUANTIZED", "env_true", "fallback_reason", "quantization_reason"]
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # device maps transformers computes
 
 
 def env_true(name: str) -> bool:
@@ -46,22 +47,23 @@ def fallback_reason(source: str, kwargs: dict[str, Any], config: Any) -> str | N
     if kwargs.get("gguf_file"):
         return "GGUF checkpoints are dequantized by transformers"
     for flag in ("from_tf", "from_flax"):
-        if kwargs.get(flag):
+        if kwargs.get(flag) and not compat.TRANSFORMERS_V5:  # 5.x drops both arguments unread
             return f"{flag}=True: TensorFlow/Flax weights are converted by transformers"
     if kwargs.get("use_safetensors") is False:
         return "use_safetensors=False: pickle checkpoints are read by torch.load"
-    if kwargs.get("quantization_config") is not None or getattr(config, "quantization_config", None) is not None:
-        return "quantized model (quantization_config): weights are handled by the quantizer"
-    if kwargs.get("adapter_kwargs") or kwargs.get("adapter_name") or kwargs.get("_adapter_model_path"):
-        return "adapter (PEFT) loading"
+    quantized = quantization_reason(source, kwargs, config)
+    if quantized is not None:
+        return quantized
     tp_reason = distributed.tp_fallback_reason(kwargs)
     if tp_reason is not None:
         return tp_reason
     device_map = kwargs.get("device_map")
     if isinstance(device_map, dict) and "disk" in device_map.values():
         return "device_map offloads to disk"
-    if kwargs.get("offload_folder") or kwargs.get("offload_state_dict"):
-        return "disk offloading"
+    # offload_folder matters only where transformers computes the device map (it may put weights on "disk");
+    # offload_state_dict is dropped unread by 4.57 and 5.x
+    if kwargs.get("offload_folder") and device_map in _DEVICE_MAP_STRATEGIES:
+        return f"disk offloading (offload_folder with device_map={device_map!r})"
     if is_deepspeed_zero3_enabled():
         return "DeepSpeed ZeRO-3 partitions weights itself"
     if not compat.TRANSFORMERS_V5:
@@ -69,10 +71,69 @@ def fallback_reason(source: str, kwargs: dict[str, Any], config: Any) -> str | N
             return "FSDP: only local rank 0 reads weights"
         if env_true("HF_ENABLE_PARALLEL_LOADING"):
             return "HF_ENABLE_PARALLEL_LOADING: transformers 4.57 loads shards from its own threads"
-    if os.path.isdir(source):
-        folder = os.path.join(source, kwargs.get("subfolder") or "")
-        if os.path.isfile(os.path.join(folder, "adapter_config.json")) and not any(
-            os.path.isfile(os.path.join(folder, n)) for n in (WEIGHTS_NAME, INDEX_NAME)
-        ):
-            return "adapter (PEFT) checkpoint"
     return None
+
+
+# --- quantized models -------------------------------------------------------------------------------------------
+# transformers' quantizer runs after the step we own (5.x: a conversion op fed by ``_materialize_copy``; 4.57:
+# ``create_quantized_param``, fed by the slice our handle returns), so the checkpoint's bytes go through our reader
+# and the quantizer gets the tensors stock would hand it. Fast only for the methods whose loads were checked bit for
+# bit against stock, tensors and quantization state (tests/test_quantized.py), on the lines where they were; the
+# others keep falling back, each with its reason (README, "What falls back").
+
+# quant_method -> the transformers lines on which it is fast: quantized on load (a quantization_config in the call,
+# none in the config), and pre-quantized (the config has one; transformers merges the call's into it)
+FAST_ON_LOAD = {"bitsandbytes": ("4.57", "5"), "torchao": ("4.57", "5")}
+FAST_PRE_QUANTIZED = {"bitsandbytes": ("4.57", "5"), "torchao": ("5",), "fp8": ("5",)}
+# why a method stays on stock, where we know more than "not checked"
+_NOT_FAST = {
+    ("fp8", "on load"): "FP8 quantization on load needs a GPU (transformers refuses it on the CPU); not checked",
+    ("fp8", "4.57"): "transformers 4.57 loads FP8 checkpoints only on a GPU; not checked",
+    ("torchao", "4.57"): "transformers 4.57 cannot reload the torchao checkpoints it saves (safetensors); not checked",
+    ("compressed-tensors", ""): "its checkpoints are made by llm-compressor, which the test environment lacks; not "
+    "checked bit for bit in the test suite",
+}
+
+
+def _quant_method(qc: Any) -> str:
+    """The ``quant_method`` of a quantization config (an object or its dict), as transformers reads it."""
+    get = qc.get if isinstance(qc, dict) else lambda k, d=None: getattr(qc, k, d)
+    method = get("quant_method", None)
+    if method is None and (get("load_in_4bit", False) or get("load_in_8bit", False)):
+        method = "bitsandbytes"  # configs saved before quant_method existed
+    method = getattr(method, "value", method)  # QuantizationMethod is a str enum
+    return str(method or "unknown")
+
+
+def _config_quantization(source: str, kwargs: dict[str, Any], config: Any) -> Any:
+    """The ``quantization_config`` of the model's config, or None: of the config object at hand (resolved here, or
+    passed by the caller, as the Auto classes pass theirs to the concrete class), else of ``config.json`` (of the
+    base model, when ``source`` is a PEFT adapter)."""
+    for candidate in (config, kwargs.get("config")):
+        if candidate is not None and not isinstance(candidate, (str, os.PathLike)):
+            return getattr(candidate, "quantization_config", None)
+    from transformers import PretrainedConfig
+
+    hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs and k not in ("trust_remote_code", "code_revision")}
+    where = kwargs.get("config") or adapter_base(source, kwargs) or source
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(where, **hub)
+    except Exception:  # no readable config: stock from_pretrained raises its own error about it
+        return None
+    return config_dict.get("quantization_config")
+
+
+def quantization_reason(source: str, kwargs: dict[str, Any], config: Any) -> str | None:
+    """Why a quantized load stays on stock, or None: not quantized, or quantized with a method that is fast on this
+    transformers line (:data:`FAST_PRE_QUANTIZED` when the config has a ``quantization_config``, whose method
+    transformers then uses; else :data:`FAST_ON_LOAD` for the call's)."""
+    saved = _config_quantization(source, kwargs, config)
+    qc = saved if saved is not None else kwargs.get("quantization_config")
+    if qc is None:
+        return None
+    method, line = _quant_method(qc), "5" if compat.TRANSFORMERS_V5 else "4.57"
+    when, table = ("pre-quantized", FAST_PRE_QUANTIZED) if saved is not None else ("on load", FAST_ON_LOAD)
+    if line in table.get(method, ()):
+        return None
+    why = _NOT_FAST.get((method, when if when == "on load" else line)) or _NOT_FAST.get((method, ""))
+    return f"quantized model (quant_method={method!r}, {when}): {why or 'not checked bit for bit against stock'}"

@@ -36,7 +36,7 @@ from ..errors import FallbackRequiredError, FastLoadError
 from ..format.index import INDEX_NAME, check_folder, read_weight_map, refuse_shards_outside, weight_files
 from ..report import LoadReport, _set_last_report
 from . import caching, compat, distributed
-from .checks import how_initialized, load_config, shape_error, verify
+from .checks import adapter_base, how_initialized, load_config, shape_error, verify
 from .fallback import env_true, fallback_reason
 from .inference import inference_mode
 
@@ -155,12 +155,17 @@ def fast_load(
     # a tensor-parallel rank reads only its own shards: no whole-file readahead
     readahead = knobs["readahead"] != "off" and not distributed.tp_requested(kwargs)
     ctx = LoadContext(knobs["io"], knobs["threads"], prefer_pread, readahead=readahead)
+    adapter_path = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")  # transformers pops it
     try:
         session = caching.start(cache_dir, kwargs, ctx, report) if cache_dir else None
-        folder = _checkpoint_folder(source, kwargs) if readahead and knobs["readahead"] == "entry" else None
-        if folder is not None:  # the disk works while transformers imports the model's code and builds it
-            files = weight_files(folder)
-            ctx.read_ahead(session.readahead_targets(files) if session else files)  # cached: the entries instead
+        base = adapter_base(source, kwargs)  # a PEFT adapter: its base model is read (and checked) too
+        sources = [name for name in (source, base) if name is not None]
+        if readahead and knobs["readahead"] == "entry":  # the disk works while transformers imports and builds
+            for name in sources:
+                folder = _checkpoint_folder(name, kwargs)
+                if folder is not None:  # a cached checkpoint file: its entries instead
+                    files = weight_files(folder)
+                    ctx.read_ahead(session.readahead_targets(files) if session else files)
         cls, config = _resolve_class(model_class, source, kwargs)
         load = entry or cls.from_pretrained
         report.model_class = cls.__name__
@@ -169,10 +174,11 @@ def fast_load(
         device_map = kwargs.get("device_map")
         report.device = str(device_map) if device_map is not None else "cpu"
         reason = fallback_reason(source, kwargs, config)
-        if reason is None and os.path.isdir(source):
-            _check_folder(os.path.join(source, kwargs.get("subfolder") or ""), ctx)
-        elif reason is None:
-            _check_cached_index(source, kwargs)
+        for name in sources if reason is None else ():
+            if os.path.isdir(name):
+                _check_folder(os.path.join(name, kwargs.get("subfolder") or ""), ctx)
+            else:
+                _check_cached_index(name, kwargs)
     except BaseException:
         ctx.close()
         raise
@@ -218,7 +224,8 @@ def fast_load(
         modes = sorted(set(io_used.values()))
         report.io = "+".join(sorted({m.split(":")[0] for m in modes}))
         report.io_reason = "; ".join(m.split(": ", 1)[1] for m in modes)
-    if ctx.tensors == 0:
+    # a file read through our reader counts even when the model takes none of its tensors (all unexpected keys)
+    if ctx.tensors == 0 and not ctx.files:
         why = "the checkpoint has no safetensors weights that hf_fastload could read (transformers loaded it)"
         if strict:
             raise FallbackRequiredError(f"{source}: {why}; strict mode forbids the fallback")
@@ -228,6 +235,9 @@ def fast_load(
         _logger().warning(f"hf_fastload: {source}: fell back to stock from_pretrained: {why}")
 
     verify(model, info, ctx)
+    report.quantization = _quantization(model)
+    if getattr(model, "_hf_peft_config_loaded", False):  # transformers loaded a PEFT adapter on top of the base
+        report.adapter = os.fspath(adapter_path or source)
     report.missing_keys = how_initialized(model, sorted(info.get("missing_keys") or []))
     report.unexpected_keys = sorted(info.get("unexpected_keys") or [])
     mismatched = info.get("mismatched_keys") or []
@@ -245,6 +255,19 @@ def fast_load(
     _finished(report)
     _inference(model, inference)
     return (model, info) if want_info else model
+
+
+def _quantization(model) -> str | None:
+    """How the model is quantized, from the quantizer transformers attached: method, bits, and whether the checkpoint
+    was pre-quantized or quantized on load; None for a model without one."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return None
+    qc = quantizer.quantization_config
+    method = str(getattr(qc.quant_method, "value", qc.quant_method))
+    if getattr(qc, "load_in_4bit", False) or getattr(qc, "load_in_8bit", False):
+        method += " 4-bit" if qc.load_in_4bit else " 8-bit"
+    return f"{method}, {'pre-quantized' if quantizer.pre_quantized else 'quantized on load'}"
 
 
 def _fallback(load, source, model_args, kwargs, report, reason, strict, t0):

@@ -31,11 +31,13 @@ from typing import Any
 from .checkpoint_maker import llama_dims, make_checkpoint
 
 __all__ = [
-    "MODES", "WorkerError", "bench", "checkpoint_files", "demo", "format_table", "machine_info", "write_plot",
+    "MODES", "QUANTIZE", "WorkerError", "bench", "checkpoint_files", "demo", "format_table", "machine_info",
+    "write_plot",
 ]  # fmt: skip
 
 MODES = ("stock", "fast", "floor")
 DTYPES = ("auto", "none", "float32", "bfloat16", "float16")
+QUANTIZE = ("4bit", "8bit")
 _INDEX_NAME = "model.safetensors.index.json"
 _ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
@@ -189,6 +191,8 @@ def bench(
     verbose: bool = True,
     checksums: bool = False,
     timeout: float | None = None,
+    quantize: str | None = None,
+    adapter: str | None = None,
 ) -> dict[str, Any]:
     """Times stock ``from_pretrained``, ``fast_from_pretrained`` and the bytes floor on ``path``, ``runs`` times each.
 
@@ -205,6 +209,11 @@ def bench(
         verbose (`bool`, *optional*, defaults to `True`): print each round and the final table.
         checksums (`bool`, *optional*, defaults to `False`): compare per-tensor checksums of fast's model with stock's.
         timeout (`float`, *optional*): seconds each worker may take.
+        quantize (`str`, *optional*): `"4bit"` or `"8bit"`: both loads pass
+            `quantization_config=BitsAndBytesConfig(load_in_4bit/8bit=True)` (bitsandbytes quantizes on load).
+        adapter (`str`, *optional*): a PEFT adapter folder whose base is `path`: both loads are
+            `AutoModelForCausalLM.from_pretrained(adapter)` (the base, then the adapter on top); the floor reads
+            `path`.
 
     Returns:
         `dict`: `machine`, `args`, `checkpoint`, `runs` (one record per worker) and `summary` (medians, ratios).
@@ -216,6 +225,10 @@ def bench(
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     if runs < 1:
         raise ValueError(f"runs must be at least 1; got {runs}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
+    if adapter is not None and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise FileNotFoundError(f"{adapter} has no adapter_config.json: --adapter needs a PEFT adapter folder")
     path = os.path.abspath(path)
     files = checkpoint_files(path)
     info = _checkpoint_info(files)
@@ -228,6 +241,10 @@ def bench(
         env["PYTHONPATH"] = os.pathsep.join(p for p in (source_tree, env.get("PYTHONPATH")) if p)
     options = ["--dtype", dtype, "--device", device]
     options += ["--disable-mmap"] * disable_mmap + ["--forward"] * forward + ["--checksums"] * checksums
+    if quantize is not None:
+        options += ["--quantize", quantize]
+    if adapter is not None:
+        options += ["--adapter", os.path.abspath(adapter)]
     _warm_page_cache(files)
 
     records: list[dict] = []
@@ -240,7 +257,8 @@ def bench(
         return {
             "machine": machine,
             "args": {"device": device, "dtype": dtype, "io": io or os.environ.get("HF_FASTLOAD_IO", "auto"),
-                     "disable_mmap": disable_mmap, "runs": runs, "forward": forward, "page_cache": "warm"},
+                     "disable_mmap": disable_mmap, "runs": runs, "forward": forward, "page_cache": "warm",
+                     "quantize": quantize, "adapter": adapter},
             "checkpoint": {"path": path, **info},
             "runs": [{k: v for k, v in r.items() if k != "checksums"} for r in records],
             "summary": _summarize(records, info),
@@ -280,7 +298,9 @@ def format_table(result: dict[str, Any]) -> str:
         f"hf-fastload bench {c['path']}",
         f"  checkpoint: {c['tensor_bytes'] / 1e9:.3f} GB in {len(c['files'])} file(s), stored {c['stored_dtype']}, "
         f"loaded as {target} (dtype={a['dtype']}), device {a['device']}, io={a['io']}, {a['runs']} run(s), "
-        f"page cache {a['page_cache']}",
+        f"page cache {a['page_cache']}"
+        + (f", bitsandbytes {a['quantize']}" if a.get("quantize") else "")
+        + (f", adapter {a['adapter']}" if a.get("adapter") else ""),
         f"  machine: {m['cpu_count']} CPUs, {m['memory_bytes'] / 2**30:.1f} GiB RAM, {m['platform']}, "
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, {m['date']}"
         + (f", {m['cuda_device']}" if m.get("cuda_device") else ""),

@@ -20,6 +20,10 @@ Modes:
 With ``--checksums``, stock and fast also report two checksums of every tensor of the loaded model (the sum of its
 bit patterns, and a position-weighted sum), computed where the tensor is, so the parent can compare them.
 
+``--quantize 4bit|8bit`` adds ``quantization_config=BitsAndBytesConfig(load_in_4bit/8bit=True)`` (and
+``device_map="cpu"`` unless on CUDA); ``--adapter ADAPTER`` loads ``AutoModelForCausalLM.from_pretrained(ADAPTER)``,
+a PEFT adapter whose base is the checkpoint (the floor still reads the checkpoint).
+
 Everything is imported and the class resolved before the clock starts. The peak RSS counter is reset just before
 (``/proc/self/clear_refs``), so ``peak_rss_over_preload_bytes`` is the load's own peak above the RSS before it.
 """
@@ -207,7 +211,15 @@ def run_load(args) -> dict:
     cls = getattr(transformers, archs[0], None) if archs else None
     if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
         cls = transformers.AutoModel
+    source = args.path
+    if args.adapter:  # transformers loads the adapter's base (args.path), then the adapter on top
+        import peft  # noqa: F401  (imported before the clock starts)
+
+        source, cls = args.adapter, transformers.AutoModelForCausalLM
     kwargs = {}
+    if args.quantize:
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(**{f"load_in_{args.quantize}": True})
+        kwargs.setdefault("device_map", "cpu")
     if args.dtype != "none":
         kwargs["dtype"] = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.device == "cuda":
@@ -227,9 +239,9 @@ def run_load(args) -> dict:
     rss0 = vm_bytes("VmRSS")
     start = time.perf_counter()
     if args.mode == "stock":
-        model = cls.from_pretrained(args.path, **kwargs)
+        model = cls.from_pretrained(source, **kwargs)
     else:
-        model = hf_fastload.fast_from_pretrained(args.path, model_class=cls, **kwargs)
+        model = hf_fastload.fast_from_pretrained(source, model_class=cls, **kwargs)
     sync()
     seconds = time.perf_counter() - start
     result = {"seconds": seconds, "peak_rss_over_preload_bytes": max(0, vm_bytes("VmHWM") - rss0)}
@@ -268,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forward", action="store_true")
     parser.add_argument("--checksums", action="store_true", help="stock, fast: per-tensor checksums of the model")
     parser.add_argument("--files", nargs="*", default=None, help="floor: the safetensors files")
+    parser.add_argument("--quantize", choices=("4bit", "8bit"), help="bitsandbytes quantization on load")
+    parser.add_argument("--adapter", help="load this PEFT adapter of PATH instead of PATH")
     args = parser.parse_args(argv)
 
     if args.mode == "floor":

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .bench import DTYPES, WorkerError, bench, demo
+from .bench import DTYPES, QUANTIZE, WorkerError, bench, demo
 from .cache_cmd import cache_command
 from .run import run, split_run_argv
 
@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         "--checksums", action="store_true", help="compare per-tensor checksums of fast's model with stock's"
     )
     b.add_argument("--timeout", type=float, default=None, help="seconds each worker process may take")
+    b.add_argument("--quantize", choices=QUANTIZE, help="quantize on load with bitsandbytes (BitsAndBytesConfig)")
+    b.add_argument("--adapter", metavar="ADAPTER", help="load this PEFT adapter of PATH (AutoModelForCausalLM)")
     d = sub.add_parser("demo", help="build a small bf16 Llama once and bench loading it as float32")
     d.add_argument("--params", type=float, default=1.5e8, help="parameters of the demo model (default 1.5e8)")
     d.add_argument("--dir", dest="directory", help="checkpoint folder (default ~/.cache/hf_fastload/demo-<params>)")
