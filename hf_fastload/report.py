@@ -48,6 +48,10 @@ class LoadReport:
             id); the base's weights went through hf_fastload.
         missing_keys (`dict[str, str]`): model keys the checkpoint lacks, and how each was initialized.
         unexpected_keys, mismatched_keys (`list[str]`): as transformers reports them.
+        cache (`dict`, *optional*): with the converted-tensor cache on (``HF_FASTLOAD_CACHE``, ``fastload_cache``):
+            `status` (`hit`, `miss`, `partial`, `unused` when no tensor needed converting, `bypassed`), `hits` and
+            `misses` (tensors), `written` (tensors written to new entries), `entries_used`, `entries_written`,
+            `reason` (what happened and why, e.g. why nothing was written), `warnings`; None when the cache is off.
         seconds (`dict[str, float]`): wall time of the phases and `total`: `resolve` (our checks, the config and
             class), `build` (inside `from_pretrained` until the first tensor is read: config, model on the meta
             device, key mapping), `read` (first tensor read started to last one finished, transformers' own work
@@ -78,6 +82,7 @@ class LoadReport:
     unexpected_keys: list[str] = field(default_factory=list)
     mismatched_keys: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    cache: dict[str, Any] | None = None
 
     @property
     def gb_per_s(self) -> float:
@@ -119,6 +124,11 @@ class LoadReport:
                 f"  rank {self.rank} of {self.world_size}: read {self.bytes_read / 2**20:.1f} of "
                 f"{self.checkpoint_bytes / 2**20:.1f} MiB of the checkpoint ({self.read_share:.1%})",
             )
+        if self.cache:
+            c = self.cache
+            counts = f", {c.get('hits', 0)} hit(s), {c.get('misses', 0)} miss(es), {c.get('written', 0)} written"
+            why = f": {c['reason']}" if c.get("reason") else ""
+            lines.append(f"  cache {c.get('status')}{counts if 'hits' in c else ''}{why}")
         if self.missing_keys:
             shown = ", ".join(f"{k} ({v})" for k, v in list(self.missing_keys.items())[:5])
             more = f" and {len(self.missing_keys) - 5} more" if len(self.missing_keys) > 5 else ""

@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.pop("HF_FASTLOAD_CACHE", None)  # tests that use the converted-tensor cache say so
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

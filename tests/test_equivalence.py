@@ -48,6 +48,38 @@ def test_matrix(checkpoints, kind, sharded, ckpt_dtype, request_dtype):
         assert len(report.files) > 1
 
 
+# The cached axis: converting loads (and, on 5.x, fp16 -> None, which keeps the stored dtype: "unused")
+CACHED = [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, None)]
+
+
+@pytest.mark.parametrize("ckpt_dtype, request_dtype", CACHED, ids=lambda v: _id(v))
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_matrix_cached(checkpoints, tmp_path, kind, sharded, ckpt_dtype, request_dtype):
+    """With the converted-tensor cache: the load that writes it and the load mapped from it both equal stock."""
+    from hf_fastload.engine.cache import wait_for_writes
+
+    path = checkpoints(kind, ckpt_dtype, sharded)
+    cls = model_class(kind)
+    kwargs = {} if request_dtype is None else {"dtype": request_dtype}
+    torch.manual_seed(1234)
+    stock, stock_info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    statuses = []
+    for _ in range(2):
+        torch.manual_seed(1234)
+        fast, fast_info = hf_fastload.fast_from_pretrained(
+            path, model_class=cls, output_loading_info=True, fastload_cache=str(tmp_path), **kwargs
+        )
+        assert wait_for_writes(60)
+        assert_same_model(stock, fast, stock_info, fast_info)
+        report = hf_fastload.last_report()
+        assert report.path == "fast", report.reason
+        statuses.append(report.cache["status"])
+    assert statuses in (["miss", "hit"], ["unused", "unused"]), report.cache
+    if statuses[1] == "hit":
+        assert report.zero_copy == report.tensors_loaded
+
+
 @pytest.mark.parametrize("request_dtype", [None, torch.float32, torch.bfloat16], ids=_id)
 def test_head_missing_from_checkpoint(checkpoints, request_dtype):
     """A BERT body checkpoint loaded with a sequence-classification head: the head is initialized as stock does."""

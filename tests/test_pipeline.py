@@ -242,6 +242,7 @@ def test_signature_and_docstring():
     ours = inspect.signature(hf_fastload.fast_pipeline)
     params = dict(ours.parameters)
     assert params.pop("inference").default is True
+    assert params.pop("fastload_cache").default is None
     assert list(params) == list(stock.parameters)
     assert all(params[k].default == p.default for k, p in stock.parameters.items())
     assert ours.return_annotation == stock.return_annotation

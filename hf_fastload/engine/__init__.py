@@ -8,6 +8,8 @@
   for direct I/O) and :mod:`~hf_fastload.engine.casting` (conversions with the CPU's bits);
   :mod:`~hf_fastload.engine.standin` is a stand-in device for tests without a GPU;
 - :mod:`~hf_fastload.engine.slices`: a block of a tensor (a tensor-parallel shard), reading only its bytes;
+- :mod:`~hf_fastload.engine.cache`: the converted-tensor cache in a load (hits mapped, misses written while
+  converting), over :mod:`~hf_fastload.engine.cache_store` (the folder: keys, entries, locks, eviction, checks);
 - :mod:`~hf_fastload.engine.materialize`: the entry: which of the above makes a tensor;
 - :mod:`~hf_fastload.engine.handle`: the ``safe_open``-compatible handle and lazy ``TensorSlice`` transformers reads;
 - :mod:`~hf_fastload.engine.context`: one load's files, I/O choices, pipelines, errors and counters.

@@ -84,6 +84,8 @@ class LoadContext:
         self.peak_prefetch_bytes = 0
         self.pipelines: dict[str, Any] = {}  # resolved device -> Pipeline, made on its first tensor
         self.closed = False  # set by close(): a task still running for a failed load opens nothing more
+        self.cache: Any = None  # the load's cache.CacheSession (HF_FASTLOAD_CACHE), set by the integration
+        self.remote: set[str] = set()  # files read with pread because of their filesystem (network, FUSE)
         self.active = 0  # tensors being materialized now; close() waits for them
         self._idle = threading.Condition(self.lock)
 
@@ -106,6 +108,8 @@ class LoadContext:
             mine, handle = handle, handle if late else self.files.setdefault(key, handle)
             if not late:
                 self.io_used.setdefault(handle.path, f"{io}: {why}")
+                if io == "pread" and self.io == "auto" and not self.prefer_pread:
+                    self.remote.add(handle.path)
         if mine is not handle or late:  # another thread opened it first: keep one descriptor
             mine.close()
         if late:
@@ -177,6 +181,11 @@ class LoadContext:
 
     def materialize(self, ts: TensorSlice, device: Any = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         return materialize(ts, device, dtype)
+
+    def picked_pread(self, file: SafetensorsHandle) -> bool:
+        """Whether ``file`` is read with pread because of where it is (network or FUSE storage), not because the
+        caller asked for it."""
+        return file.path in self.remote
 
     def plan(self, ts: TensorSlice, device: Any = None, dtype: torch.dtype | None = None) -> None:
         """Records where ``ts`` goes: the next ``ts[...]`` (4.57) or ``take(ts, device, dtype)`` (5.x) returns it on
@@ -329,13 +338,15 @@ class LoadContext:
         for handle in handles:
             if handle._mmap is not None:
                 handle.check_size(handle.data_end)
+        if self.cache is not None:
+            self.cache.check_mapped()
 
     def record(self, info: TensorInfo, method: str, start: float) -> None:
         now = time.perf_counter()
         with self.lock:
             self.bytes_read += info.nbytes
             self.tensors += 1
-            self.zero_copy += method == "zero-copy"
+            self.zero_copy += method.startswith("zero-copy")
             self.methods[method] = self.methods.get(method, 0) + 1
             self.first = start if self.first is None else min(self.first, start)
             self.last = now if self.last is None else max(self.last, now)

@@ -20,7 +20,9 @@ Cases, all bit-identical to ``tensor.to(dtype)`` of the stored tensor:
   source pages dropped from this process once converted (``MADV_DONTNEED``), so they never add up to a second copy
   of the model (:func:`convert_mapped`);
 - a dtype change with ``io="pread"``: read in chunks into a per-thread staging buffer and converted from there
-  (:func:`read_converted`).
+  (:func:`read_converted`);
+- into a file instead of memory (:func:`convert_to_file`, the converted-tensor cache's entry): each converted piece
+  of at most 1 MiB is made in a per-thread buffer and handed to a writer.
 
 Every tensor that is not a zero-copy view owns its storage (``torch.empty``). Chunks of one tensor run on the
 engine's chunk pool; a failure cancels or awaits the others before it is raised.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 
@@ -39,9 +42,13 @@ from ..format.file import SafetensorsFile
 from ..format.header import TensorInfo
 from .pools import chunk_pool
 
-__all__ = ["CHUNK_BYTES", "alloc_cpu", "convert_mapped", "read_converted", "read_same", "tensor_buffer"]
+__all__ = [
+    "CHUNK_BYTES", "PIECE_BYTES", "alloc_cpu", "convert_mapped", "convert_to_file", "read_converted", "read_same",
+    "tensor_buffer",
+]  # fmt: skip
 
 CHUNK_BYTES = 8 << 20
+PIECE_BYTES = 1 << 20  # convert_to_file: converted bytes handed to the writer at a time (stays in the CPU's cache)
 _staging = threading.local()
 
 
@@ -148,3 +155,51 @@ def read_same(file: SafetensorsFile, info: TensorInfo, threads: int) -> torch.Te
         return out
     _wait_all([chunk_pool(threads).submit(_read_chunk, file, info, buf[lo:hi], lo) for lo, hi in bounds])
     return out
+
+
+def _piece_buffer() -> torch.Tensor:
+    buf = getattr(_staging, "piece", None)
+    if buf is None:
+        buf = _staging.piece = torch.empty(PIECE_BYTES, dtype=torch.uint8)
+    return buf
+
+
+def _file_chunk(file: SafetensorsFile, info: TensorInfo, dtype: torch.dtype, write: Callable, lo: int, hi: int):
+    _check_alive(file)
+    src_dtype = info.torch_dtype
+    size = src_dtype.itemsize
+    if file.io == "mmap":
+        file.check_size(info.start + hi * size, info.name)  # a page past a truncated end would be a SIGBUS
+        src = file.view(info).view(-1)[lo:hi]
+    else:
+        staging = _staging_buffer()[: (hi - lo) * size]
+        file.read_into(info, tensor_buffer(staging), lo * size)
+        src = staging.view(src_dtype)
+    step = max(1, PIECE_BYTES // dtype.itemsize)
+    for p in range(0, hi - lo, step):
+        q = min(hi - lo, p + step)
+        if dtype == src_dtype and file.io != "mmap":
+            piece = src[p:q]  # already in the staging buffer
+        else:
+            piece = _piece_buffer()[: (q - p) * dtype.itemsize].view(dtype)
+            piece.copy_(src[p:q])
+        write(tensor_buffer(piece), (lo + p) * dtype.itemsize)
+    if file.io == "mmap":
+        file.release(info, lo * size, hi * size)
+
+
+def convert_to_file(file: SafetensorsFile, info: TensorInfo, dtype: torch.dtype, write: Callable, threads: int):
+    """Converts ``info`` to ``dtype`` (or copies it, for the same dtype) into a file instead of memory: each piece of
+    the result, at most :data:`PIECE_BYTES`, is made in a per-thread buffer and handed to ``write(bytes,
+    byte_offset_in_the_tensor)``. Nothing of the tensor's size is allocated; the source is read as by
+    :func:`convert_mapped` (its pages dropped once converted) or :func:`read_converted`. Bit-identical to
+    ``stored.to(dtype)``; an exception from ``write`` stops the tensor's other chunks and is raised."""
+    numel = info.numel
+    if numel == 0:
+        return
+    step = max(1, CHUNK_BYTES // max(info.torch_dtype.itemsize, dtype.itemsize))
+    bounds = [(lo, min(lo + step, numel)) for lo in range(0, numel, step)]
+    if len(bounds) == 1:
+        _file_chunk(file, info, dtype, write, *bounds[0])
+        return
+    _wait_all([chunk_pool(threads).submit(_file_chunk, file, info, dtype, write, lo, hi) for lo, hi in bounds])

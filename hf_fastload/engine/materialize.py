@@ -16,6 +16,9 @@ How each tensor is made (the report's ``methods`` counts them):
 - ``stream(<backend>)[+cast]``: a device target (CUDA, or ``HF_FASTLOAD_IO=direct``): the device pipeline of the
   load (:mod:`hf_fastload.engine.stream`);
 - ``zero-copy``, ``pread``, ``convert``, ``pread+convert``: the CPU paths (:mod:`hf_fastload.engine.cpu`);
+- ``zero-copy(cache)``, ``...+cache-write``: with the converted-tensor cache on (``HF_FASTLOAD_CACHE``), a CPU
+  tensor that would be converted (or read with ``pread`` from network storage) is a view of a cache entry, or is
+  converted into a new one (:mod:`hf_fastload.engine.cache`);
 - ``...+to(<device>)``: a device without a pipeline backend: the CPU tensor, then one ``.to(device)``;
 - ``slice:...``: a block of a tensor (a tensor-parallel shard), :func:`read_part`.
 
@@ -87,20 +90,59 @@ def materialize(
         elif pipe is not None:  # the pipeline's tensor is on the (resolved) device already
             out = pipe.load(file, info, to_dtype)
             method = f"stream({pipe.backend.name}){'+cast' if to_dtype != info.torch_dtype else ''}"
-        elif to_dtype != info.torch_dtype and file.io == "mmap":
-            out, method = cpu.convert_mapped(file, info, to_dtype), "convert"
-        elif to_dtype != info.torch_dtype:
-            out, method = cpu.read_converted(file, info, to_dtype, threads), "pread+convert"
-        elif file.io == "mmap":
-            file.check_size(info.start + info.nbytes, info.name)  # a view of pages past the end would be a SIGBUS
-            out, method = file.view(info), "zero-copy"
+        elif (
+            target.type == "cpu"
+            and getattr(ctx, "cache", None) is not None
+            and ctx.cache.wants(info, to_dtype, ctx.picked_pread(file))
+        ):
+            out, method = _through_cache(ctx.cache, file, info, to_dtype, threads)
         else:
-            out, method = cpu.read_same(file, info, threads), "pread"
+            out, method = _cpu(file, info, to_dtype, threads)
         if target.type not in ("cpu", "meta") and pipe is None:
             out, method = out.to(device=target), f"{method}+to({target.type})"
         return out, method, info
 
     return _tracked(ts, make, record_failure)
+
+
+def _cpu(file: Any, info: TensorInfo, dtype: torch.dtype, threads: int) -> tuple[torch.Tensor, str]:
+    """The CPU paths: ``(tensor, method)``."""
+    if dtype != info.torch_dtype and file.io == "mmap":
+        return cpu.convert_mapped(file, info, dtype), "convert"
+    if dtype != info.torch_dtype:
+        return cpu.read_converted(file, info, dtype, threads), "pread+convert"
+    if file.io == "mmap":
+        file.check_size(info.start + info.nbytes, info.name)  # a view of pages past the end would be a SIGBUS
+        return file.view(info), "zero-copy"
+    return cpu.read_same(file, info, threads), "pread"
+
+
+def _through_cache(cache: Any, file: Any, info: TensorInfo, dtype: torch.dtype, threads: int):
+    """A CPU tensor through the load's :class:`~hf_fastload.engine.cache.CacheSession`: a view of a cache entry (a
+    hit), or converted into the entry being written and viewed there (a miss), or, when no entry is written, as
+    usual. A tensor the entry could not take (a full disk) is made as usual."""
+    hit = cache.lookup(file, info, dtype)
+    if hit is not None:
+        return hit, "zero-copy(cache)"
+    slot = cache.slot(file, info, dtype)
+    if slot is None:
+        return _cpu(file, info, dtype, threads)
+    if slot.placed:
+        try:
+            written = slot.fill(file, info, threads)
+        except BaseException:
+            slot.fail()
+            raise
+        if not written:
+            return _cpu(file, info, dtype, threads)
+        base = ("convert" if file.io == "mmap" else "pread+convert") if dtype != info.torch_dtype else "pread"
+        return slot.done(None), f"{base}+cache-write"
+    try:
+        out, method = _cpu(file, info, dtype, threads)
+    except BaseException:
+        slot.fail()
+        raise
+    return slot.done(out), f"{method}+cache-write"
 
 
 def read_part(ts: Any, key: Any) -> torch.Tensor | None:

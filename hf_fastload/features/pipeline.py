@@ -24,7 +24,7 @@ import torch
 import transformers
 import transformers.pipelines
 
-from ..integration import routing
+from ..integration import caching, routing
 from ..integration.inference import inference_mode
 
 __all__ = ["fast_pipeline"]
@@ -71,7 +71,10 @@ def _direct_placement(arguments: dict[str, Any]) -> None:
     arguments["device"] = None  # the pipeline refuses a device for a model that has an hf_device_map
 
 
-def fast_pipeline(task: str | None = None, model: Any = None, *args: Any, inference: bool = True, **kwargs: Any):
+def fast_pipeline(
+    task: str | None = None, model: Any = None, *args: Any, inference: bool = True, fastload_cache: Any = None,
+    **kwargs: Any,
+):
     try:
         bound = _SIGNATURE.bind(task, model, *args, **kwargs)
     except TypeError:  # let transformers word the error about its own arguments
@@ -81,7 +84,7 @@ def fast_pipeline(task: str | None = None, model: Any = None, *args: Any, infere
     if loads_model:
         _direct_placement(arguments)
         extra = arguments.pop("kwargs", {})
-        with routing.routed():
+        with routing.routed(), caching.using(fastload_cache):
             pipe = _stock_pipeline(**arguments, **extra)
     else:  # an already-built model is used as is
         pipe = _stock_pipeline(task, model, *args, **kwargs)
@@ -108,7 +111,9 @@ _HEADER = """hf_fastload's `transformers.pipeline`: same arguments, defaults and
     - `inference` (`bool`, *optional*, defaults to `True`): the pipeline's forward runs under
       `torch.inference_mode()` instead of `torch.no_grad()`, and a model it loaded is wrapped by
       `hf_fastload.inference_mode` (undo with `hf_fastload.training_mode(pipe.model)`). A model passed in already
-      built is not wrapped. `inference=False` keeps stock behaviour.
+      built is not wrapped. `inference=False` keeps stock behaviour;
+    - `fastload_cache` (`str`, *optional*): the converted-tensor cache folder for the model's load, as
+      `fast_from_pretrained(..., fastload_cache=...)` (default: `HF_FASTLOAD_CACHE`).
 
     Example:
         ```python
@@ -122,5 +127,8 @@ functools.update_wrapper(fast_pipeline, transformers.pipelines.pipeline, assigne
 fast_pipeline.__doc__ = _HEADER + "\n" + (fast_pipeline.__doc__ or "")
 _params = list(_SIGNATURE.parameters.values())
 _inference_param = inspect.Parameter("inference", inspect.Parameter.KEYWORD_ONLY, default=True, annotation="bool")
+_cache_param = inspect.Parameter("fastload_cache", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="str")
 _at = len(_params) - 1 if _params and _params[-1].kind is inspect.Parameter.VAR_KEYWORD else len(_params)
-fast_pipeline.__signature__ = _SIGNATURE.replace(parameters=[*_params[:_at], _inference_param, *_params[_at:]])
+fast_pipeline.__signature__ = _SIGNATURE.replace(
+    parameters=[*_params[:_at], _inference_param, _cache_param, *_params[_at:]]
+)

@@ -5,6 +5,8 @@
 - :mod:`~hf_fastload.integration.api`: ``fast_from_pretrained`` (cheap to import) over
   :mod:`~hf_fastload.integration.loader`, the load itself;
 - :mod:`~hf_fastload.integration.fallback`: which loads stay on stock, and why;
+- :mod:`~hf_fastload.integration.caching`: the converted-tensor cache's setting (``fastload_cache``,
+  ``HF_FASTLOAD_CACHE``), which loads use it, its report;
 - :mod:`~hf_fastload.integration.checks`: the post-load verification, shape-mismatch errors;
 - :mod:`~hf_fastload.integration.distributed`: tensor-parallel arguments, rank and world size;
 - :mod:`~hf_fastload.integration.routing`: ``from_pretrained`` of every model class through the loader;

@@ -35,7 +35,7 @@ from ..engine.knobs import settings
 from ..errors import FallbackRequiredError, FastLoadError
 from ..format.index import INDEX_NAME, check_folder, read_weight_map, refuse_shards_outside, weight_files
 from ..report import LoadReport, _set_last_report
-from . import compat, distributed
+from . import caching, compat, distributed
 from .checks import adapter_base, how_initialized, load_config, shape_error, verify
 from .fallback import env_true, fallback_reason
 from .inference import inference_mode
@@ -150,19 +150,22 @@ def fast_load(
     knobs = settings()
     report = LoadReport(source=source, transformers_version=transformers.__version__, threads=knobs["threads"])
     _set_last_report(report)
+    cache_dir = caching.cache_dir(kwargs)  # fastload_cache= / HF_FASTLOAD_CACHE; stock never sees the keyword
     prefer_pread = bool(compat.HAS_DISABLE_MMAP and kwargs.get("disable_mmap"))
     # a tensor-parallel rank reads only its own shards: no whole-file readahead
     readahead = knobs["readahead"] != "off" and not distributed.tp_requested(kwargs)
     ctx = LoadContext(knobs["io"], knobs["threads"], prefer_pread, readahead=readahead)
     adapter_path = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")  # transformers pops it
     try:
+        session = caching.start(cache_dir, kwargs, ctx, report) if cache_dir else None
         base = adapter_base(source, kwargs)  # a PEFT adapter: its base model is read (and checked) too
         sources = [name for name in (source, base) if name is not None]
         if readahead and knobs["readahead"] == "entry":  # the disk works while transformers imports and builds
             for name in sources:
                 folder = _checkpoint_folder(name, kwargs)
-                if folder is not None:
-                    ctx.read_ahead(weight_files(folder))
+                if folder is not None:  # a cached checkpoint file: its entries instead
+                    files = weight_files(folder)
+                    ctx.read_ahead(session.readahead_targets(files) if session else files)
         cls, config = _resolve_class(model_class, source, kwargs)
         load = entry or cls.from_pretrained
         report.model_class = cls.__name__
@@ -181,6 +184,7 @@ def fast_load(
         raise
     if reason is not None:
         ctx.close()
+        caching.fell_back(cache_dir, report)
         out = _fallback(load, source, model_args, kwargs, report, reason, strict, t0)
         report.rank, report.world_size = distributed.rank_and_world()
         _finished(report)
@@ -189,11 +193,13 @@ def fast_load(
     want_info = kwargs.pop("output_loading_info", False)
     if prefer_pread:
         kwargs["disable_mmap"] = False  # we read with pread; stock would read whole files
+    loaded = False
     t_build = time.perf_counter()
     try:
         with LOAD_LOCK, compat.hooks(ctx), _inside():
             model, info = load(source, *model_args, output_loading_info=True, **kwargs)
         ctx.check_mapped()  # a file truncated during the load: its zero-copy tensors would be a SIGBUS when touched
+        loaded = not ctx.errors
     except Exception as e:
         if ctx.errors:
             raise ctx.errors[0] from e
@@ -203,6 +209,7 @@ def fast_load(
         raise
     finally:
         ctx.close()
+        caching.finish(session, loaded, report, _logger())  # publishes what the load wrote, or drops it
     t_end_load = time.perf_counter()
     if ctx.errors:  # transformers 5 records per-tensor errors instead of raising; never return that model
         raise ctx.errors[0]
@@ -223,6 +230,8 @@ def fast_load(
         if strict:
             raise FallbackRequiredError(f"{source}: {why}; strict mode forbids the fallback")
         report.path, report.reason = "fallback", why
+        if report.cache:
+            report.cache.update(status="bypassed", reason=why)
         _logger().warning(f"hf_fastload: {source}: fell back to stock from_pretrained: {why}")
 
     verify(model, info, ctx)

@@ -8,10 +8,12 @@ Example:
     hf-fastload demo                                   # builds a 150M bf16 Llama once, loads it as float32
     hf-fastload bench ./llama-1b --dtype float32 --runs 5 --json bench.json --plot bench.png
     hf-fastload bench ./llama-8b --device cuda --dtype bfloat16 --forward
+    hf-fastload cache ls                               # the converted-tensor cache (HF_FASTLOAD_CACHE): verify, clear
     ```
 
-The commands live in :mod:`~hf_fastload.tools.run` and :mod:`~hf_fastload.tools.bench`; this module is their
-argument parsing. Importing it is cheap: torch and transformers are imported by the commands that need them.
+The commands live in :mod:`~hf_fastload.tools.run`, :mod:`~hf_fastload.tools.bench` and
+:mod:`~hf_fastload.tools.cache_cmd`; this module is their argument parsing. Importing it is cheap: torch and
+transformers are imported by the commands that need them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import sys
 
 from .bench import DTYPES, QUANTIZE, WorkerError, bench, demo
+from .cache_cmd import cache_command
 from .run import run, split_run_argv
 
 __all__ = ["main"]
@@ -62,11 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--params", type=float, default=1.5e8, help="parameters of the demo model (default 1.5e8)")
     d.add_argument("--dir", dest="directory", help="checkpoint folder (default ~/.cache/hf_fastload/demo-<params>)")
     d.add_argument("--runs", type=int, default=3)
+    c = sub.add_parser("cache", help="list, verify or clear the converted-tensor cache (HF_FASTLOAD_CACHE)")
+    c.add_argument("action", choices=("ls", "verify", "clear"),
+                   help="ls: entries, sizes, sources; verify: also compare each with its source converted again; "
+                        "clear: remove entries")  # fmt: skip
+    c.add_argument("--dir", dest="directory", help="the cache folder (default: HF_FASTLOAD_CACHE)")
+    c.add_argument("--stale", action="store_true", help="clear only entries no load can use (stale, orphan, corrupt)")
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
     try:
         if command == "run":
             return run(program, module=args["module"], report=args["report"], verbose=args["verbose"])
+        if command == "cache":
+            return cache_command(**args)
         if command == "bench":
             bench(**args)
         else:
