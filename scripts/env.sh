@@ -14,7 +14,7 @@ setup_venv() {  # setup_venv NAME TRANSFORMERS_SPEC
   elif ! "$dir/bin/python" -c "from hf_fastload.tools import run; assert run.startup_hook_installed()" 2>/dev/null; then
     "$dir/bin/pip" install -q --no-deps -e .  # an environment from before hf_fastload_startup.pth existed
   fi
-  if ! "$dir/bin/python" -c "import peft, bitsandbytes, torchao, parameterized" 2>/dev/null; then
+  if ! "$dir/bin/python" -c "import peft, bitsandbytes, torchao, parameterized, xdist" 2>/dev/null; then
     "$dir/bin/pip" install -q "$2" -e ".[test]"  # an environment from before they joined the test extras
   fi
 }

@@ -4,6 +4,7 @@
 # arguments) also runs, on the newest 5.x, the opt-in and fallback tests again with peft hidden (tests/nopeft), and on
 # 4.57.x and the newest 5.x transformers' own save/load model tests without and with HF_FASTLOAD=1
 # (scripts/hf_model_tests.py, which downloads the installed transformers' sdist).
+# The suite runs on HF_FASTLOAD_TEST_WORKERS pytest-xdist workers (default: one per core; 0 runs it in one process).
 # Usage: bash scripts/test.sh [pytest args...]
 #        HF_FASTLOAD_TEST_ENVS="tf5 tf457" bash scripts/test.sh ...   # only these environments, in this order
 set -euo pipefail
@@ -27,7 +28,7 @@ for name in $ENVS; do
   py="$VENVS/$name/bin/python"
   echo "=== transformers $("$py" -c 'import transformers; print(transformers.__version__)') ==="
   start=$SECONDS
-  "$py" -m pytest -q "$@" || status=1
+  "$py" -m pytest -q -n "${HF_FASTLOAD_TEST_WORKERS:-auto}" "$@" || status=1
   if [ $# -eq 0 ] && [ "$name" = tf5 ]; then
     echo "--- without peft: the opt-in and fallback tests (those that load models) ---"
     PYTHONPATH="$PWD/tests/nopeft${PYTHONPATH:+:$PYTHONPATH}" "$py" -m pytest -q tests/test_optin.py \
