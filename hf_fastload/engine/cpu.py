@@ -40,7 +40,7 @@ import torch
 
 from ..format.file import SafetensorsFile
 from ..format.header import TensorInfo
-from .pools import chunk_pool
+from .pools import chunk_pool, one_op_thread
 
 __all__ = [
     "CHUNK_BYTES", "PIECE_BYTES", "alloc_cpu", "convert_mapped", "convert_to_file", "read_converted", "read_same",
@@ -85,12 +85,13 @@ def convert_mapped(file: SafetensorsFile, info: TensorInfo, dtype: torch.dtype) 
     src, dst = file.view(info).view(-1), out.view(-1)
     size = info.torch_dtype.itemsize
     step = max(1, CHUNK_BYTES // size)
-    for lo in range(0, info.numel, step):
-        hi = min(lo + step, info.numel)
-        _check_alive(file)
-        file.check_size(info.start + hi * size, info.name)  # a page past a truncated end would be a SIGBUS
-        dst[lo:hi].copy_(src[lo:hi])
-        file.release(info, lo * size, hi * size)
+    with one_op_thread():
+        for lo in range(0, info.numel, step):
+            hi = min(lo + step, info.numel)
+            _check_alive(file)
+            file.check_size(info.start + hi * size, info.name)  # a page past a truncated end would be a SIGBUS
+            dst[lo:hi].copy_(src[lo:hi])
+            file.release(info, lo * size, hi * size)
     return out
 
 
@@ -112,7 +113,8 @@ def _convert_chunk(file: SafetensorsFile, info: TensorInfo, out_flat: torch.Tens
     size = src_dtype.itemsize
     staging = _staging_buffer()[: (hi - lo) * size]
     file.read_into(info, tensor_buffer(staging), lo * size)
-    out_flat[lo:hi].copy_(staging.view(src_dtype))
+    with one_op_thread():
+        out_flat[lo:hi].copy_(staging.view(src_dtype))
 
 
 def _wait_all(futures: list[Future]) -> None:
@@ -182,7 +184,8 @@ def _file_chunk(file: SafetensorsFile, info: TensorInfo, dtype: torch.dtype, wri
             piece = src[p:q]  # already in the staging buffer
         else:
             piece = _piece_buffer()[: (q - p) * dtype.itemsize].view(dtype)
-            piece.copy_(src[p:q])
+            with one_op_thread():
+                piece.copy_(src[p:q])
         write(tensor_buffer(piece), (lo + p) * dtype.itemsize)
     if file.io == "mmap":
         file.release(info, lo * size, hi * size)

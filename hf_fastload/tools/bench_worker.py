@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import threading
 import time
@@ -96,6 +97,17 @@ def _target_dtype(path: str, requested: str, stored):
 _staging = threading.local()
 
 
+def _usage() -> tuple[float, int, int]:
+    """CPU seconds of every thread of this process, minor and major page faults so far."""
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime, u.ru_minflt, u.ru_majflt
+
+
+def _usage_since(before: tuple[float, int, int]) -> dict:
+    now = _usage()
+    return {"cpu_seconds": now[0] - before[0], "minor_faults": now[1] - before[1], "major_faults": now[2] - before[2]}
+
+
 def _floor_chunk(file, info, dest, lo: int, hi: int) -> None:
     """Bytes ``[lo, hi)`` of one tensor: read straight into ``dest`` (uint8), or via a reused staging buffer and
     converted into ``dest`` (the target dtype), so each output byte is written once."""
@@ -154,6 +166,7 @@ def run_floor(path: str, files: list[str], requested: str, threads: int, device:
     kept = []
     reset_peak_rss()
     rss0 = vm_bytes("VmRSS")
+    usage = _usage()
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         futures = []
@@ -169,6 +182,7 @@ def run_floor(path: str, files: list[str], requested: str, threads: int, device:
     seconds = time.perf_counter() - start
     result = {
         "seconds": seconds,
+        **_usage_since(usage),
         "peak_rss_over_preload_bytes": max(0, vm_bytes("VmHWM") - rss0),
         "model_bytes": sum(info.numel for _, info in infos) * converted.itemsize,
         "bytes_read": sum(info.nbytes for _, info in infos),
@@ -237,6 +251,7 @@ def run_load(args) -> dict:
 
     peak_reset = reset_peak_rss()
     rss0 = vm_bytes("VmRSS")
+    usage = _usage()
     start = time.perf_counter()
     if args.mode == "stock":
         model = cls.from_pretrained(source, **kwargs)
@@ -244,7 +259,8 @@ def run_load(args) -> dict:
         model = hf_fastload.fast_from_pretrained(source, model_class=cls, **kwargs)
     sync()
     seconds = time.perf_counter() - start
-    result = {"seconds": seconds, "peak_rss_over_preload_bytes": max(0, vm_bytes("VmHWM") - rss0)}
+    result = {"seconds": seconds, **_usage_since(usage)}
+    result["peak_rss_over_preload_bytes"] = max(0, vm_bytes("VmHWM") - rss0)
     result["rss_after_over_preload_bytes"] = max(0, vm_bytes("VmRSS") - rss0)
     result["peak_reset"] = peak_reset
     result["model_bytes"] = _model_bytes(model)
