@@ -16,7 +16,6 @@ import transformers
 from models import build_checkpoint, hub_cache
 
 import hf_fastload
-from hf_fastload.engine import context
 from hf_fastload.engine.context import LoadContext
 
 LLAMA = transformers.LlamaForCausalLM
@@ -40,12 +39,6 @@ def _spy(monkeypatch) -> list[tuple]:
         events.append(("advise", os.path.realpath(f"/proc/self/fd/{fd}"), offset))
         return advise(fd, offset, length, advice)
 
-    def spy_resident(fd, offset, length):  # every piece is probed; the cached ones are not advised
-        events.append(("piece", os.path.realpath(f"/proc/self/fd/{fd}"), offset))
-        return resident(fd, offset, length)
-
-    resident = context._resident
-    monkeypatch.setattr(context, "_resident", spy_resident)
     monkeypatch.setattr(LoadContext, "read_ahead", spy_read_ahead)
     monkeypatch.setattr(LoadContext, "open", spy_open)
     monkeypatch.setattr(os, "posix_fadvise", spy_advise)
@@ -64,11 +57,11 @@ def test_single_file_is_prefetched_before_it_is_opened(tmp_path, monkeypatch):
     opened = [e for e in events if e[0] == "open"]
     assert opened and all(e[1] in _weights(folder) for e in opened)
     deadline = time.monotonic() + 10  # the readahead runs on its own threads
-    while {e[1] for e in events if e[0] == "piece"} != set(_weights(folder)) and time.monotonic() < deadline:
+    while {e[1] for e in events if e[0] == "advise"} != set(_weights(folder)) and time.monotonic() < deadline:
         time.sleep(0.01)
-    pieces = [e for e in events if e[0] == "piece"]
-    assert {e[1] for e in pieces} == set(_weights(folder))
-    assert len(pieces) == len({(e[1], e[2]) for e in pieces}), "a file was read ahead twice"
+    advised = [e for e in events if e[0] == "advise"]
+    assert {e[1] for e in advised} == set(_weights(folder))
+    assert len(advised) == len({(e[1], e[2]) for e in advised}), "a file was read ahead twice"
 
 
 def test_every_shard_is_prefetched(tmp_path, monkeypatch):
@@ -88,44 +81,12 @@ def test_hub_id_is_prefetched_from_the_cache_snapshot(tmp_path, monkeypatch):
     assert events[0] == ("prefetch", _weights(snapshot))
 
 
-def test_cached_file_is_not_advised(tmp_path, monkeypatch):
-    """A file whose pages are all in the page cache gets no ``WILLNEED`` (which would walk every cached page): a warm
-    load pays a few probing reads per 32 MiB instead."""
-    folder = build_checkpoint("llama", str(tmp_path / "m"), torch.bfloat16)
-    for path in _weights(folder):
-        with open(path, "rb") as fh:
-            fh.read()
-    events = _spy(monkeypatch)
-    hf_fastload.fast_from_pretrained(folder, model_class=LLAMA)
-    deadline = time.monotonic() + 10  # the readahead runs on its own threads
-    while not [e for e in events if e[0] == "piece"] and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert events[0] == ("prefetch", _weights(folder))
-    assert [e for e in events if e[0] == "piece"] and not [e for e in events if e[0] == "advise"]
-
-
-def test_a_piece_not_in_the_page_cache_is_advised(tmp_path):
-    path = tmp_path / "cold.bin"
-    path.write_bytes(os.urandom(1 << 20))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        assert context._resident(fd, 0, 1 << 20)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages nobody maps: dropped
-        if context._resident(fd, 0, 1 << 20):
-            pytest.skip("this filesystem keeps the pages (tmpfs) or cannot say")
-        os.pread(fd, 4096, 0)
-        assert context._resident(fd, 0, 4096) and not context._resident(fd, 0, 1 << 20)  # one page is not the piece
-    finally:
-        os.close(fd)
-
-
 def test_readahead_off(tmp_path, monkeypatch):
     folder = build_checkpoint("llama", str(tmp_path / "m"), torch.bfloat16)
     monkeypatch.setenv("HF_FASTLOAD_READAHEAD", "0")
     events = _spy(monkeypatch)
     hf_fastload.fast_from_pretrained(folder, model_class=LLAMA)
-    assert not [e for e in events if e[0] in ("advise", "piece")]
+    assert not [e for e in events if e[0] == "advise"]
 
 
 def test_readahead_when_opened(tmp_path, monkeypatch):
@@ -136,9 +97,9 @@ def test_readahead_when_opened(tmp_path, monkeypatch):
     hf_fastload.fast_from_pretrained(folder, model_class=LLAMA)
     assert not [e for e in events if e[0] == "prefetch"]
     deadline = time.monotonic() + 10
-    while {e[1] for e in events if e[0] == "piece"} != set(_weights(folder)) and time.monotonic() < deadline:
+    while {e[1] for e in events if e[0] == "advise"} != set(_weights(folder)) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert {e[1] for e in events if e[0] == "piece"} == set(_weights(folder))
+    assert {e[1] for e in events if e[0] == "advise"} == set(_weights(folder))
 
 
 def test_readahead_knob_is_checked(tmp_path, monkeypatch):
