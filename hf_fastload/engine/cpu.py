@@ -95,11 +95,17 @@ def convert_mapped(file: SafetensorsFile, info: TensorInfo, dtype: torch.dtype) 
     return out
 
 
-def _staging_buffer() -> torch.Tensor:
-    buf = getattr(_staging, "buf", None)
+def _thread_buffer(name: str, nbytes: int) -> torch.Tensor:
+    """This thread's reusable byte buffer ``name`` (made on first use; it stays warm in the CPU's cache)."""
+    buf = getattr(_staging, name, None)
     if buf is None:
-        buf = _staging.buf = torch.empty(CHUNK_BYTES, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        setattr(_staging, name, buf)
     return buf
+
+
+def _staging_buffer() -> torch.Tensor:
+    return _thread_buffer("buf", CHUNK_BYTES)
 
 
 def _read_chunk(file: SafetensorsFile, info: TensorInfo, out: memoryview, byte_offset: int) -> None:
@@ -160,10 +166,7 @@ def read_same(file: SafetensorsFile, info: TensorInfo, threads: int) -> torch.Te
 
 
 def _piece_buffer() -> torch.Tensor:
-    buf = getattr(_staging, "piece", None)
-    if buf is None:
-        buf = _staging.piece = torch.empty(PIECE_BYTES, dtype=torch.uint8)
-    return buf
+    return _thread_buffer("piece", PIECE_BYTES)
 
 
 def _file_chunk(file: SafetensorsFile, info: TensorInfo, dtype: torch.dtype, write: Callable, lo: int, hi: int):
