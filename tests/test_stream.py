@@ -273,8 +273,9 @@ def test_standin_checks_the_allocators_stream_rule():
     recorded = dev.empty((16,), torch.uint8)
     dev.copy(recorded, src, side, dev.mark())
     dev.record_stream(recorded, side)
-    del recorded
+    del recorded  # its copy may run later: record_stream keeps the block until then
     dev.wait(event)
+    dev.drain(side)
     assert dev.violations == [] and torch.equal(a, src) and torch.equal(own, src)
     dev.close()
 

@@ -68,6 +68,8 @@ class _Stream:
                 if kind == "event":
                     payload.error = self.error
                     payload.done.set()
+                elif kind == "keep":
+                    pass  # record_stream's tensor: kept alive until the work queued before it was done
                 elif self.error is None:
                     try:
                         payload()
@@ -227,11 +229,16 @@ class StandInBackend(Backend):
                     )
 
     def record_stream(self, t: torch.Tensor, stream: _Stream) -> None:
-        """``Tensor.record_stream``: the block is not reused before the work queued on ``stream`` so far is done."""
+        """``Tensor.record_stream``: the block is not reused before the work queued on ``stream`` so far is done.
+
+        The stand-in keeps the tensor itself alive until then (a job on ``stream`` holds it): a copy queued before
+        that runs after the caller dropped the tensor is then no use after free, as on CUDA."""
         with self.lock:
             block = self._block(t)
             if block is not None:
                 block.recorded.add(stream)
+        if block is not None:
+            stream.put("keep", t)
 
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         with self.lock:
