@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any
 
@@ -83,6 +83,7 @@ class LoadContext:
         self.prefetched = 0  # tensors that were prefetched, and the most target bytes ahead at once
         self.peak_prefetch_bytes = 0
         self.pipelines: dict[str, Any] = {}  # resolved device -> Pipeline, made on its first tensor
+        self._streams: dict[tuple, bool] = {}  # (device as asked, io) -> whether it streams (streams())
         self.closed = False  # set by close(): a task still running for a failed load opens nothing more
         self.cache: Any = None  # the load's cache.CacheSession (HF_FASTLOAD_CACHE), set by the integration
         self.remote: set[str] = set()  # files read with pread because of their filesystem (network, FUSE)
@@ -114,8 +115,12 @@ class LoadContext:
             mine.close()
         if late:
             raise _ended(path)
-        if fresh:
-            self._readahead(handle.path, lambda: (os.dup(handle._fd()), handle.size))
+        if fresh and self._claim_readahead(handle.path):
+            try:  # a descriptor of its own, now: transformers may close the handle before the readahead runs
+                fd = os.dup(handle._fd())
+            except OSError:
+                return handle
+            get_pool("readahead", READAHEAD_THREADS).submit(self._spread, lambda: fd)
         return handle
 
     def read_ahead(self, paths: Iterable[str]) -> None:
@@ -127,31 +132,49 @@ class LoadContext:
         """
         for path in paths:
 
-            def open_own(path: str = path) -> tuple[int, int]:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                return fd, os.fstat(fd).st_size
+            def open_own(path: str = path) -> int:
+                return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
             self._readahead(path, open_own)
 
-    def _readahead(self, path: str, open_fd) -> None:
+    def _readahead(self, path: str, open_fd: Callable[[], int]) -> None:
         """Asks the kernel to start reading the whole file, from several threads at once; ``open_fd()`` gives a
-        descriptor of our own (closed by whichever task finishes last) and the file's size.
+        descriptor of our own (closed by whichever task finishes last).
 
         A cold file then arrives at the disk's parallel bandwidth instead of one readahead stream's (on this
         project's VM: 2.2 s for 2 GB with ``cat``, 1.3 s with 8 threads of ``POSIX_FADV_WILLNEED``); for a file
         already in the page cache the calls return at once. Once per file and load; skipped when the load would not
         fit in half of the available memory (it would evict its own pages), and when readahead is off.
+
+        The caller only hands the file to the readahead threads (one task): opening it, the memory check and the
+        calls run there. On a warm load, where every page is cached already, starting them took the caller 5-10 ms
+        (a fixed cost of every fast load that stock does not pay).
         """
+        if self._claim_readahead(path):
+            get_pool("readahead", READAHEAD_THREADS).submit(self._spread, open_fd)
+
+    def _claim_readahead(self, path: str) -> bool:
+        """Whether the readahead of ``path`` is to start now: readahead is on, and this load has not started it."""
         if not self.readahead or not hasattr(os, "posix_fadvise"):
-            return
+            return False
         real = os.path.realpath(path)
         with self.lock:
             if real in self._advised:
-                return
+                return False
             self._advised.add(real)
+        return True
+
+    def _spread(self, open_fd: Callable[[], int]) -> None:
+        """The readahead of one file (see :meth:`_readahead`), run on a readahead thread: its pieces go to the other
+        readahead threads."""
         try:
-            fd, size = open_fd()
+            fd = open_fd()
         except OSError:
+            return
+        try:
+            size = os.fstat(fd).st_size
+        except OSError:
+            os.close(fd)
             return
         with self.lock:
             self.readahead_bytes += size
@@ -176,8 +199,9 @@ class LoadContext:
                     os.close(fd)
 
         pool = get_pool("readahead", READAHEAD_THREADS)
-        for offset in offsets:
+        for offset in offsets[1:]:
             pool.submit(advise, offset)
+        advise(offsets[0])
 
     def materialize(self, ts: TensorSlice, device: Any = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         return materialize(ts, device, dtype)
@@ -260,12 +284,27 @@ class LoadContext:
             self.prefetch()
 
     def streams(self, device: Any, file: SafetensorsHandle) -> bool:
-        """Whether tensors of ``file`` going to ``device`` take a device pipeline (whose ring this starts)."""
+        """Whether tensors of ``file`` going to ``device`` take a device pipeline (whose ring this starts).
+
+        Asked for every tensor transformers 5 submits (from its main thread): the answer is kept per device and I/O
+        mode.
+        """
+        try:
+            memo = (device, file.io)
+            hash(memo)
+        except TypeError:
+            memo = None
+        known = self._streams.get(memo) if memo is not None else None
+        if known is not None:
+            return known
         try:
             target = torch.device(device) if device is not None else torch.device("cpu")
         except (RuntimeError, TypeError):
             return False
-        return target.type != "meta" and self.pipeline(target, file) is not None
+        streams = target.type != "meta" and self.pipeline(target, file) is not None
+        if memo is not None:
+            self._streams[memo] = streams
+        return streams
 
     def pipeline(self, device: torch.device, file: SafetensorsHandle) -> Any:
         """The device pipeline (:mod:`~hf_fastload.engine.stream`) for tensors going to ``device``, or None where

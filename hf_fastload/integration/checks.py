@@ -103,13 +103,16 @@ def shape_error(error: Exception, ctx: Any, cls: type, source: str, kwargs: dict
 
 def how_initialized(model, missing: list[str]) -> dict[str, str]:
     """For each missing key: tied to a loaded tensor, or initialized by the model's _init_weights."""
+    if not missing:
+        return {}
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
     # DTensors (tensor-parallel loads) have no storage of their own: compare their local shards
     tensors = {k: t.to_local() if hasattr(t, "to_local") else t for k, t in tensors.items()}
     by_ptr: dict[int, str] = {}
+    missing_set = set(missing)
     for name, t in tensors.items():
-        if name not in missing and not t.is_meta and t.numel():
+        if name not in missing_set and not t.is_meta and t.numel():
             by_ptr.setdefault(t.data_ptr(), name)
     how = {}
     for key in missing:
@@ -121,11 +124,25 @@ def how_initialized(model, missing: list[str]) -> dict[str, str]:
 
 def verify(model, info: dict, ctx) -> None:
     """Raises VerificationError unless every parameter and buffer holds real data that was loaded or initialized."""
-    left = [
-        name
-        for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
-        if t.is_meta
-    ]
+    # one pass over the modules' own dictionaries (named_parameters builds every name: ms on a large model)
+    on_meta = any(
+        t is not None and t.is_meta
+        for module in model.modules()
+        for tensors in (module._parameters, module._buffers)
+        for t in tensors.values()
+    )
+    left = (
+        [
+            name
+            for name, t in (
+                *model.named_parameters(remove_duplicate=False),
+                *model.named_buffers(remove_duplicate=False),
+            )
+            if t.is_meta
+        ]
+        if on_meta
+        else []
+    )
     if left:
         raise VerificationError(
             f"{type(model).__name__}: {len(left)} tensor(s) still on the meta device after loading, e.g. {left[:5]}; "

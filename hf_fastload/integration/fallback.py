@@ -14,6 +14,7 @@ The reason goes into the :class:`~hf_fastload.report.LoadReport` and one log lin
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -116,6 +117,14 @@ def _config_quantization(source: str, kwargs: dict[str, Any], config: Any) -> An
 
     hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs and k not in ("trust_remote_code", "code_revision")}
     where = kwargs.get("config") or adapter_base(source, kwargs) or source
+    local = os.path.join(os.fspath(where), kwargs.get("subfolder") or "", "config.json")
+    if os.path.isfile(local):  # a local folder: its config.json, read directly (get_config_dict costs ms)
+        try:
+            with open(local, encoding="utf-8") as fh:
+                saved = json.load(fh)
+        except (OSError, ValueError):  # unreadable: stock from_pretrained raises its own error about it
+            return None
+        return saved.get("quantization_config") if isinstance(saved, dict) else None
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(where, **hub)
     except Exception:  # no readable config: stock from_pretrained raises its own error about it
