@@ -15,7 +15,9 @@ each round in this order (stock and fast swap places every other round):
 - ``stock``: ``from_pretrained``; ``fast``: ``fast_from_pretrained`` without the cache;
 - ``first``: ``fast_from_pretrained`` with ``HF_FASTLOAD_CACHE`` on an emptied cache folder: converts and writes the
   entry. ``exit_wait_seconds`` is how long the process then took to exit: the background ``fsync`` and ``rename``
-  that publish the entry;
+  that publish the entry. With ``--write after`` (``HF_FASTLOAD_CACHE_WRITE=after``) a detached process writes the
+  entry after the load; the bench waits for it before the next load (``writer_seconds``: from the load's end to the
+  entry's publication);
 - ``cached``: the same, with the entry there: a hit;
 - ``cached-content`` (``--content-key``): a hit with ``HF_FASTLOAD_CACHE_KEY=content``, whose key hashes the whole
   source file at every load: what that costs.
@@ -46,13 +48,17 @@ from hf_fastload.tools.bench import _warm_page_cache, checkpoint_files, machine_
 MODES = ("stock", "fast", "first", "cached", "cached-content")
 
 
+WRITE = {"mode": "inline"}  # HF_FASTLOAD_CACHE_WRITE of the cached loads (--write)
+
+
 def _env(cache: str | None = None, key: str | None = None) -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
-    env.pop("HF_FASTLOAD_CACHE", None)
-    env.pop("HF_FASTLOAD_CACHE_KEY", None)
+    for name in ("HF_FASTLOAD_CACHE", "HF_FASTLOAD_CACHE_KEY", "HF_FASTLOAD_CACHE_WRITE"):
+        env.pop(name, None)
     if cache:
         env["HF_FASTLOAD_CACHE"] = cache
+        env["HF_FASTLOAD_CACHE_WRITE"] = WRITE["mode"]
     if key:
         env["HF_FASTLOAD_CACHE_KEY"] = key
     return env
@@ -74,7 +80,20 @@ def timed_load(mode: str, path: str, dtype: str, env: dict[str, str], forward: b
     record.update(mode=mode, exit_wait_seconds=exit_wait)
     report = record.get("report") or {}
     record["cache"] = report.get("cache")
+    pids = (record["cache"] or {}).get("writer_pids") or []
+    if pids:  # --write after: the entry is written by a detached process; wait for it (polling: not our child)
+        while any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in pids):
+            time.sleep(0.02)
+        record["writer_seconds"] = time.perf_counter() - t_line
     return record
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 HOLD = """
@@ -163,8 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=4, help="processes mapping one entry at once (0: skip)")
     parser.add_argument("--content-key", action="store_true", help="also time hits with HF_FASTLOAD_CACHE_KEY=content")
     parser.add_argument("--no-forward", dest="forward", action="store_false", help="time the load only")
+    parser.add_argument("--write", choices=("inline", "after"), default="inline",
+                        help="HF_FASTLOAD_CACHE_WRITE of the cached loads (after: the bench waits for the writer)")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args(argv)
+    WRITE["mode"] = args.write
 
     path = os.path.abspath(args.path)
     cache = os.path.abspath(args.cache or path.rstrip("/") + "-fastload-cache")
@@ -203,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             "exit_wait_seconds_median": statistics.median(r["exit_wait_seconds"] for r in recs),
             "cache_statuses": sorted({str((r.get("cache") or {}).get("status")) for r in recs}),
         }
+        if any("writer_seconds" in r for r in recs):
+            s["writer_seconds_median"] = statistics.median(r["writer_seconds"] for r in recs if "writer_seconds" in r)
         if args.forward:
             s["load_forward_seconds_median"] = statistics.median(r["load_forward_seconds"] for r in recs)
         summary[mode] = s
@@ -232,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{','.join(s['cache_statuses'])}")  # fmt: skip
     print(
         f"stock/cached {summary['stock_over_cached']:.2f}x, first/fast {summary['first_over_fast']:.2f}x, "
-        f"cached peak {summary['cached_peak_over_model']:.4f}x the model"
+        f"cached peak {summary['cached_peak_over_model']:.4f}x the model (write={args.write})"
     )
+    if "writer_seconds_median" in summary["first"]:
+        print(f"the entry was published {summary['first']['writer_seconds_median']:.2f} s after the first load ended")
     if "shared" in result:
         sh = result["shared"]
         print(

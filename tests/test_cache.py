@@ -261,7 +261,8 @@ def test_content_key_shares_entries_between_copies(ckpt, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name, value", [("HF_FASTLOAD_CACHE_MAX_GB", "lots"), ("HF_FASTLOAD_CACHE_MAX_GB", "0"),
-                                         ("HF_FASTLOAD_CACHE_KEY", "mtime")])  # fmt: skip
+                                         ("HF_FASTLOAD_CACHE_KEY", "mtime"),
+                                         ("HF_FASTLOAD_CACHE_WRITE", "later")])  # fmt: skip
 def test_bad_settings_name_the_variable(ckpt, tmp_path, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(FastLoadError, match=name):
@@ -613,3 +614,111 @@ def test_cache_command_needs_a_folder(monkeypatch, capsys):
     monkeypatch.delenv("HF_FASTLOAD_CACHE", raising=False)
     assert cli.main(["cache", "ls"]) == 1
     assert "HF_FASTLOAD_CACHE" in capsys.readouterr().err
+
+
+# -- HF_FASTLOAD_CACHE_WRITE=after: the entry is written by a detached process after the load ------------------------
+
+
+def test_after_the_load_a_background_process_writes_the_entry(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_FASTLOAD_CACHE_WRITE", "after")
+    cache = tmp_path / "cache"
+    stock = _stock(ckpt)
+    first, r1 = _fast(ckpt, cache)  # _fast waits for the writer process too
+    assert_same_model(stock, first)
+    assert r1.cache["status"] == "miss" and r1.cache["write"] == "after" and r1.cache["written"] == 0
+    assert len(r1.cache["writer_pids"]) == 1 and "background process" in r1.cache["reason"]
+    assert r1.methods == {"convert": r1.tensors_loaded}  # converted into memory, as without the cache
+    [entry] = _entries(cache)
+    assert _leftovers(cache) == []
+    tensors = safetensors.torch.load_file(entry)
+    state = stock.state_dict()
+    assert len(tensors) == r1.tensors_loaded
+    for name, t in tensors.items():
+        assert t.dtype == torch.float32 and torch.equal(t, state[name]), name
+    second, r2 = _fast(ckpt, cache)
+    assert_same_model(stock, second)
+    assert r2.cache["status"] == "hit" and r2.methods == {"zero-copy(cache)": r2.tensors_loaded}
+    assert r2.cache["writer_pids"] == []
+
+
+def test_after_and_inline_write_the_same_entry(ckpt, tmp_path, monkeypatch):
+    _fast(ckpt, tmp_path / "inline")
+    monkeypatch.setenv("HF_FASTLOAD_CACHE_WRITE", "after")
+    _fast(ckpt, tmp_path / "after")
+    [inline], [after] = _entries(tmp_path / "inline"), _entries(tmp_path / "after")
+    assert os.path.basename(inline) == os.path.basename(after)  # same source key, same tensors
+    a, b = safetensors.torch.load_file(inline), safetensors.torch.load_file(after)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _spec(ckpt, cache, **extra) -> dict:
+    path = os.path.join(ckpt, "model.safetensors")
+    with SafetensorsFile(path) as f:
+        key, _ = source_key(f)
+        tensors = [[name, "F32"] for name in f.tensors]
+    return {"root": str(cache), "key": key, "key_mode": "identity", "max_bytes": None, "source": path, "io": "mmap",
+            "threads": 2, "tensors": tensors, **extra}  # fmt: skip
+
+
+def test_after_writer_refuses_a_changed_source_a_held_lock_and_a_failed_write(ckpt, tmp_path, monkeypatch):
+    from hf_fastload.engine import cache_writer
+
+    cache = tmp_path / "cache"
+    spec = _spec(ckpt, cache)
+    # the source changed between the load and the writer: its key is not the load's any more
+    assert "changed since the load" in cache_writer.write_entry({**spec, "key": "0" * 64})
+    # another process is writing this source's entry
+    store = CacheStore(str(cache))
+    store.ensure()
+    lock = store.try_lock(spec["key"])
+    try:
+        assert "another process is writing" in cache_writer.write_entry(spec)
+    finally:
+        os.close(lock)
+    # a write fails (a full disk): no entry, nothing left behind
+    def failing(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_writer.os, "pwrite", failing)
+    assert cache_writer.write_entry(spec).startswith("no entry written")
+    monkeypatch.undo()
+    assert _entries(cache) == [] and _leftovers(cache) == []
+    # and then it works
+    assert cache_writer.write_entry(spec).startswith("published")
+    [entry] = _entries(cache)
+    state = _stock(ckpt).state_dict()
+    assert all(torch.equal(t, state[name]) for name, t in safetensors.torch.load_file(entry).items())
+
+
+def test_after_writer_process_removes_its_spec_and_survives_the_program(ckpt, tmp_path):
+    """The writer runs detached: a program that exits right after its load still gets its entry."""
+    cache = tmp_path / "cache"
+    code = (
+        "import torch, transformers, hf_fastload, os\n"
+        f"hf_fastload.fast_from_pretrained({ckpt!r}, model_class=transformers.LlamaForCausalLM, dtype=torch.float32, "
+        f"fastload_cache={str(cache)!r})\n"
+        "print(hf_fastload.last_report().cache['writer_pids'][0])\n"
+        "os._exit(0)\n"
+    )
+    env = {**os.environ, "HF_FASTLOAD_CACHE_WRITE": "after", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pid = int(out.stdout.strip().splitlines()[-1])
+    deadline = time.monotonic() + 120
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as fh:
+            if fh.read().split(")")[-1].split()[0] == "Z":  # reaped by nobody yet: finished
+                break
+        time.sleep(0.1)
+    [entry] = _entries(cache)
+    assert _leftovers(cache) == []
+    assert len(safetensors.torch.load_file(entry)) > 0
+
+
+def test_after_with_a_folder_that_cannot_be_created(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_FASTLOAD_CACHE_WRITE", "after")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    model, report = _fast(ckpt, blocker / "cache")
+    assert report.cache["writer_pids"] == [] and "cannot start the cache writer" in report.cache["warnings"][0]
+    assert_same_model(_stock(ckpt), model)
