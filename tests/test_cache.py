@@ -722,3 +722,21 @@ def test_after_with_a_folder_that_cannot_be_created(ckpt, tmp_path, monkeypatch)
     model, report = _fast(ckpt, blocker / "cache")
     assert report.cache["writer_pids"] == [] and "cannot start the cache writer" in report.cache["warnings"][0]
     assert_same_model(_stock(ckpt), model)
+
+
+def test_after_starts_no_writer_while_another_holds_the_lock(ckpt, tmp_path, monkeypatch):
+    """Loads that end together start one writer: the lock is taken by the loading process and handed over."""
+    monkeypatch.setenv("HF_FASTLOAD_CACHE_WRITE", "after")
+    cache = tmp_path / "cache"
+    store = CacheStore(str(cache))
+    store.ensure()
+    with SafetensorsFile(os.path.join(ckpt, "model.safetensors")) as f:
+        key, _ = source_key(f)
+    lock = store.try_lock(key)
+    try:
+        model, report = _fast(ckpt, cache)
+    finally:
+        os.close(lock)
+    assert report.cache["writer_pids"] == [] and "another process is writing" in report.cache["reason"]
+    assert _entries(cache) == [] and _leftovers(cache) == []
+    assert_same_model(_stock(ckpt), model)

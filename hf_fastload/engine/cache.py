@@ -260,7 +260,10 @@ class CacheSession:
                         self.store, src.key, src.file, list(src.wanted), self.max_bytes, self.key_mode,
                         settings()["threads"],
                     )  # fmt: skip
-                    self.writers.append(pid)
+                    if pid is None:
+                        self._note("another process is writing this source's entry; loaded without writing", False)
+                    else:
+                        self.writers.append(pid)
                 except (OSError, ValueError) as e:
                     self._note(f"cannot start the cache writer for {src.file.path}: {e}", True)
             writer, src.writer = src.writer, None

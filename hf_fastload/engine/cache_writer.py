@@ -210,7 +210,7 @@ class _EntryWriter:
     """The entry being written for one source file in this load (see the module docstring)."""
 
     def __init__(self, store: CacheStore, key: str, parts: dict, source: SafetensorsFile, dtype: torch.dtype,
-                 max_bytes: int | None, keep: frozenset[str]):  # fmt: skip
+                 max_bytes: int | None, keep: frozenset[str], lock_fd: int | None = None):  # fmt: skip
         self.store, self.key, self.source_path = store, key, source.path
         self.lock = threading.Lock()
         self.failed: str | None = None
@@ -227,7 +227,7 @@ class _EntryWriter:
             st = os.fstat(source._fd())
             self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             store.ensure()
-            self.lock_fd = store.try_lock(key)
+            self.lock_fd = store.try_lock(key) if lock_fd is None else lock_fd  # given: taken by the loading process
         except OSError as e:
             raise _Refused(f"cannot write to the cache folder {store.root}: {e.strerror or e}") from None
         if self.lock_fd is None:
@@ -442,34 +442,43 @@ _children: list[subprocess.Popen] = []
 def spawn_writer(
     store: CacheStore, key: str, source: SafetensorsFile, tensors: list[tuple[str, torch.dtype]],
     max_bytes: int | None, key_mode: str, threads: int,
-) -> int:  # fmt: skip
-    """Starts the process that writes ``source``'s entry with ``tensors`` (name, dtype) after the load; its pid.
+) -> int | None:  # fmt: skip
+    """Starts the process that writes ``source``'s entry with ``tensors`` (name, dtype) after the load; its pid, or
+    None when another process is writing this source's entry (it holds the entry's lock).
 
-    The process is detached (its own session: the program may end first) and runs at the lowest CPU priority. It
-    computes the source's key again and writes nothing when the key is not ``key`` any more (the file changed since
-    the load), when another process holds the entry's lock, or when the entry does not fit (see
-    :func:`write_entry`). OSError when the cache folder cannot take the request or no process can be started.
+    The lock is taken here and handed to the process, which is detached (its own session: the program may end
+    first) and runs at the lowest CPU priority. It computes the source's key again and writes nothing when the key is
+    not ``key`` any more (the file changed since the load) or when the entry does not fit (see :func:`write_entry`).
+    OSError when the cache folder cannot take the request or no process can be started.
     """
     store.ensure()
-    spec = {
-        "root": store.root, "key": key, "key_mode": key_mode, "max_bytes": max_bytes, "source": source.path,
-        "io": source.io, "threads": threads, "tensors": [[name, dtype_name(dtype)] for name, dtype in tensors],
-    }  # fmt: skip
-    fd, path = tempfile.mkstemp(prefix="spec-", suffix=".json", dir=store.tmp_dir)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(spec, fh)
-    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+    lock_fd = store.try_lock(key)  # taken here and handed over: loads that end together start one writer
+    if lock_fd is None:
+        return None
+    path = ""
     try:
+        spec = {
+            "root": store.root, "key": key, "key_mode": key_mode, "max_bytes": max_bytes, "source": source.path,
+            "io": source.io, "threads": threads, "tensors": [[name, dtype_name(dtype)] for name, dtype in tensors],
+            "lock_fd": lock_fd,
+        }  # fmt: skip
+        fd, path = tempfile.mkstemp(prefix="spec-", suffix=".json", dir=store.tmp_dir)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(spec, fh)
+        package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
         child = subprocess.Popen(
             [sys.executable, "-m", "hf_fastload.engine.cache_writer", path], env=env, start_new_session=True,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            pass_fds=(lock_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    except BaseException:
+        if path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         raise
+    finally:
+        os.close(lock_fd)  # the child holds the lock now (or nobody does)
     with _publishers_lock:
         _children[:] = [c for c in _children if c.poll() is None]
         _children.append(child)
@@ -496,10 +505,12 @@ def write_entry(spec: dict[str, Any]) -> str:
     with SafetensorsFile(spec["source"], io=spec.get("io") or "mmap") as file:
         key, parts = source_key(file, spec["key_mode"])
         if key != spec["key"]:
+            if spec.get("lock_fd") is not None:
+                os.close(spec["lock_fd"])
             return f"{file.path} changed since the load; no entry written"
         widest = max((dtype for _, dtype in wanted), key=lambda d: d.itemsize)
         try:
-            writer = _EntryWriter(store, key, parts, file, widest, max_bytes, frozenset())
+            writer = _EntryWriter(store, key, parts, file, widest, max_bytes, frozenset(), spec.get("lock_fd"))
         except _Refused as e:
             return str(e)
         try:
