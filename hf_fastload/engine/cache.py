@@ -51,7 +51,7 @@ from ..format.file import SafetensorsFile
 from ..format.header import TensorInfo
 from ..format.writer import dtype_name
 from .cache_store import KEY_MODES, BadEntry, CacheStore, open_entry, source_key
-from .cache_writer import WRITE_MODES, Slot, _EntryWriter, _Refused, _start_publisher, spawn_writer, wait_for_writes
+from .cache_writer import WRITE_MODES, EntryWriter, Refused, Slot, spawn_writer, start_publisher, wait_for_writes
 from .knobs import settings
 
 __all__ = ["CacheSession", "Slot", "cache_settings", "wait_for_writes"]
@@ -92,7 +92,7 @@ class _Source:
         self.parts: dict = {}
         self.error: str | None = None
         self.entries: dict[tuple[str, str], tuple[SafetensorsFile, TensorInfo]] = {}
-        self.writer: _EntryWriter | None = None
+        self.writer: EntryWriter | None = None
         self.refused: str | None = None
         self.wanted: dict[tuple[str, torch.dtype], None] = {}  # missed tensors in order (write="after")
 
@@ -232,8 +232,8 @@ class CacheSession:
             if src.writer is None and src.refused is None:
                 try:
                     keep = frozenset(self.used)
-                    src.writer = _EntryWriter(self.store, src.key, src.parts, file, dtype, self.max_bytes, keep)
-                except _Refused as e:
+                    src.writer = EntryWriter(self.store, src.key, src.parts, file, dtype, self.max_bytes, keep)
+                except Refused as e:
                     src.refused = str(e)
                     self._note(str(e), e.warning)
             writer = src.writer
@@ -274,7 +274,7 @@ class CacheSession:
                 continue
             try:
                 final = writer.seal(src.file)
-            except _Refused as e:
+            except Refused as e:
                 self._note(str(e), e.warning)
                 writer._close_files(unlink=True)
                 continue
@@ -284,7 +284,7 @@ class CacheSession:
                 continue
             self.written += writer.tensors
             self.published.append(final)
-            _start_publisher(writer, final, self.max_bytes)
+            start_publisher(writer, final, self.max_bytes)
         for entry in self.mapped:
             entry.close()
 

@@ -11,7 +11,7 @@ Example:
 :mod:`hf_fastload.engine.cache` decides what a load caches; this module writes it, in one of two ways
 (``HF_FASTLOAD_CACHE_WRITE``):
 
-- ``inline`` (the default): the load converts a missed tensor straight into the entry (:class:`_EntryWriter`,
+- ``inline`` (the default): the load converts a missed tensor straight into the entry (:class:`EntryWriter`,
   :class:`Slot`) and gets a view of the entry's private mapping; the entry is sealed when the load ends and published
   by a background thread (or, when the program ends first, by a small detached process);
 - ``after``: the load converts into memory as without the cache, and hands the list of its missed tensors to a
@@ -46,7 +46,10 @@ from ..format.writer import Placed, dtype_name, encode_header, header_capacity, 
 from .cache_store import FORMAT_VERSION, CacheStore, source_key
 from .cpu import convert_mapped, convert_to_file, read_converted, read_same, tensor_buffer
 
-__all__ = ["WRITE_MODES", "Slot", "main", "spawn_writer", "wait_for_writes", "write_entry"]
+__all__ = [
+    "WRITE_MODES", "EntryWriter", "Refused", "Slot", "main", "spawn_writer", "start_publisher", "wait_for_writes",
+    "write_entry",
+]  # fmt: skip
 
 PAGE = mmap.PAGESIZE
 WRITE_MODES = ("inline", "after")  # HF_FASTLOAD_CACHE_WRITE
@@ -93,7 +96,7 @@ class _Publisher:
     program ends first, :func:`_hand_off` gives the rest to a small detached process, so that the program's exit
     waits neither for the disk nor loses the entry."""
 
-    def __init__(self, writer: _EntryWriter, final: str, max_bytes: int | None):
+    def __init__(self, writer: EntryWriter, final: str, max_bytes: int | None):
         self.writer, self.final, self.max_bytes = writer, final, max_bytes
         self.lock = threading.Lock()
         self.state = "syncing"  # -> "renaming" -> "done"; or -> "handed" (to the helper process)
@@ -146,7 +149,7 @@ class _Publisher:
         writer._close_files(unlink=True)
 
 
-def _start_publisher(writer: _EntryWriter, final: str, max_bytes: int | None) -> None:
+def start_publisher(writer: EntryWriter, final: str, max_bytes: int | None) -> None:
     publisher = _Publisher(writer, final, max_bytes)
     with _publishers_lock:
         _publishers[:] = [p for p in _publishers if p.thread.is_alive()]
@@ -162,7 +165,7 @@ def _hand_off() -> None:
         p.hand_off()
 
 
-class _Refused(Exception):
+class Refused(Exception):
     """No entry is written for this source in this load; ``warning`` says whether the user should be told."""
 
     def __init__(self, reason: str, warning: bool = True):
@@ -182,7 +185,7 @@ class Slot:
     """Where one missed tensor goes: ``placed`` at data offset ``begin`` of the entry (:meth:`fill` converts it there),
     or not (a tail tensor: converted into memory as usual, then copied into the entry by :meth:`done`)."""
 
-    writer: _EntryWriter
+    writer: EntryWriter
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -206,7 +209,7 @@ class Slot:
         self.writer.abandon_slot(self)
 
 
-class _EntryWriter:
+class EntryWriter:
     """The entry being written for one source file in this load (see the module docstring)."""
 
     def __init__(self, store: CacheStore, key: str, parts: dict, source: SafetensorsFile, dtype: torch.dtype,
@@ -229,9 +232,9 @@ class _EntryWriter:
             store.ensure()
             self.lock_fd = store.try_lock(key) if lock_fd is None else lock_fd  # given: taken by the loading process
         except OSError as e:
-            raise _Refused(f"cannot write to the cache folder {store.root}: {e.strerror or e}") from None
+            raise Refused(f"cannot write to the cache folder {store.root}: {e.strerror or e}") from None
         if self.lock_fd is None:
-            raise _Refused("another process is writing this source's entry; loaded without writing", warning=False)
+            raise Refused("another process is writing this source's entry; loaded without writing", warning=False)
         try:
             self._open(parts, source, dtype, max_bytes, keep)
         except BaseException:
@@ -256,11 +259,11 @@ class _EntryWriter:
         gb = f"{estimate / 1e9:.2f} GB"
         if max_bytes is not None:
             if estimate > max_bytes:
-                raise _Refused(f"an entry of about {gb} would not fit in HF_FASTLOAD_CACHE_MAX_GB={max_bytes / 1e9:g}")
+                raise Refused(f"an entry of about {gb} would not fit in HF_FASTLOAD_CACHE_MAX_GB={max_bytes / 1e9:g}")
             store.evict(max_bytes, keep, incoming=estimate)
         room = store.room()
         if estimate > room:
-            raise _Refused(
+            raise Refused(
                 f"not enough free space in {store.root}: an entry of about {gb} does not fit in the "
                 f"{room / 1e9:.2f} GB the cache may use (it keeps 5% of the filesystem free)"
             )
@@ -277,7 +280,7 @@ class _EntryWriter:
             self.private = mmap.mmap(self.fd, bound, access=mmap.ACCESS_COPY)
         except (OSError, ValueError) as e:
             why = getattr(e, "strerror", None) or e
-            raise _Refused(f"cannot write a cache entry in {store.root}: {why}") from None
+            raise Refused(f"cannot write a cache entry in {store.root}: {why}") from None
 
     # -- slots, from the load's threads ---------------------------------------------------------------------------
     def reserve(self, info: TensorInfo, dtype: torch.dtype) -> Slot | None:
@@ -353,19 +356,19 @@ class _EntryWriter:
 
     # -- the end of the load ----------------------------------------------------------------------------------------
     def seal(self, source: SafetensorsFile | None) -> str:
-        """Appends the tail, writes the header, cuts the file; returns where it will be published. Raises _Refused
+        """Appends the tail, writes the header, cuts the file; returns where it will be published. Raises Refused
         (or OSError) when the entry cannot be completed; the caller then drops it."""
         with self.lock:
             if self.failed is not None:
-                raise _Refused(self.failed)
+                raise Refused(self.failed)
             if self.pending:
-                raise _Refused("the load ended with tensors still being written")
+                raise Refused("the load ended with tensors still being written")
         if not self.placed and not self.tail:
-            raise _Refused("nothing to write", warning=False)
+            raise Refused("nothing to write", warning=False)
         if source is not None:
             st = os.stat(source.path)  # its descriptor is closed by now; the path must still be the file read
             if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != self.identity:
-                raise _Refused(f"{self.source_path} changed while it was being loaded; its entry is not kept")
+                raise Refused(f"{self.source_path} changed while it was being loaded; its entry is not kept")
         placed = list(self.placed)
         at = self.cursor
         by_name = {(n, d): (shape, src, size) for n, d, shape, src, size in self.tail}
@@ -510,8 +513,8 @@ def write_entry(spec: dict[str, Any]) -> str:
             return f"{file.path} changed since the load; no entry written"
         widest = max((dtype for _, dtype in wanted), key=lambda d: d.itemsize)
         try:
-            writer = _EntryWriter(store, key, parts, file, widest, max_bytes, frozenset(), spec.get("lock_fd"))
-        except _Refused as e:
+            writer = EntryWriter(store, key, parts, file, widest, max_bytes, frozenset(), spec.get("lock_fd"))
+        except Refused as e:
             return str(e)
         try:
             for name, dtype in wanted:
@@ -527,7 +530,7 @@ def write_entry(spec: dict[str, Any]) -> str:
                     writer.complete(slot, _made_as_usual(file, info, dtype, threads))
             final = writer.seal(file)
             os.fsync(writer.fd)
-        except (_Refused, OSError, ValueError) as e:
+        except (Refused, OSError, ValueError) as e:
             writer._close_files(unlink=True)
             return f"no entry written: {e}"
         except BaseException:
