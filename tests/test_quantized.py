@@ -128,6 +128,29 @@ def test_quantized_on_load(llama, name, dtype):
     _check(stock, fast, f"bitsandbytes {bits}, quantized on load")
 
 
+@pytest.mark.skipif(compat.TRANSFORMERS_V5, reason="transformers 4.57's loop: 5.x quantizes in its loader threads")
+def test_quantizing_loop_takes_one_tensor_at_a_time(llama, monkeypatch):
+    """4.57 quantizes each weight in its loop, on all cores: the engine prefetches nothing there and converts with
+    torch's threads, as stock's ``.to()`` does (prefetching alongside made 1 B 8-bit loads 0.78x stock's speed)."""
+    from hf_fastload.engine.context import LoadContext
+
+    seen = []
+    close = LoadContext.close
+
+    def spy_close(self):
+        seen.append(self)
+        return close(self)
+
+    monkeypatch.setattr(LoadContext, "close", spy_close)
+    kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": "cpu"}
+    auto = transformers.AutoModelForCausalLM
+    fast = hf_fastload.fast_from_pretrained(llama, model_class=auto, strict=True, **kwargs)
+    [ctx] = seen
+    assert ctx.serial_loop and ctx.prefetched == 0 and ctx.tensors > 0
+    assert hf_fastload.last_report().methods.get("convert", 0) > 0  # bf16 -> the quantizer's fp16, by the engine
+    _check(auto.from_pretrained(llama, **kwargs), fast, "bitsandbytes 8-bit, quantized on load")
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_pre_quantized(saved, name):
     stock = transformers.AutoModelForCausalLM.from_pretrained(saved[name], device_map="cpu")

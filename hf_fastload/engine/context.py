@@ -79,6 +79,10 @@ class LoadContext:
         self._prefetched: dict[tuple[str, str], tuple[Future, int]] = {}  # key -> (materializing, target bytes)
         self.prefetch_bytes = 0  # target bytes prefetched and not yet taken
         self.prefetch_window = PREFETCH_BYTES
+        # The loop that asks for the tensors does heavy work of its own between them, on all of torch's threads
+        # (transformers 4.57 quantizing each weight with bitsandbytes): nothing is prefetched, and a conversion uses
+        # torch's intra-op threads as stock's `.to()` does, instead of competing with that work for the cores
+        self.serial_loop = False
         self._instant: set[tuple[str, str]] = set()  # planned tensors that will be zero-copy views: never prefetched
         self.prefetched = 0  # tensors that were prefetched, and the most target bytes ahead at once
         self.peak_prefetch_bytes = 0
@@ -238,6 +242,8 @@ class LoadContext:
         ``PREFETCH_THREADS`` threads; each tensor streams with all reader threads as usual. A prefetched tensor's
         error is raised when the loop takes it, so errors surface in the loop's order, as stock raises them.
         """
+        if self.serial_loop:
+            return
         with self.lock:
             while not self.closed and self._next < len(self._order):
                 if self._prefetched and self.prefetch_bytes >= self.prefetch_window:

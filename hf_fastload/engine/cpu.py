@@ -30,6 +30,7 @@ engine's chunk pool; a failure cancels or awaits the others before it is raised.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 from collections.abc import Callable
@@ -85,7 +86,8 @@ def convert_mapped(file: SafetensorsFile, info: TensorInfo, dtype: torch.dtype) 
     src, dst = file.view(info).view(-1), out.view(-1)
     size = info.torch_dtype.itemsize
     step = max(1, CHUNK_BYTES // size)
-    with one_op_thread():
+    alone = file.owner is not None and getattr(file.owner, "serial_loop", False)  # see LoadContext.serial_loop
+    with contextlib.nullcontext() if alone else one_op_thread():
         for lo in range(0, info.numel, step):
             hi = min(lo + step, info.numel)
             _check_alive(file)
