@@ -119,12 +119,8 @@ class LoadContext:
             mine.close()
         if late:
             raise _ended(path)
-        if fresh and self._claim_readahead(handle.path):
-            try:  # a descriptor of its own, now: transformers may close the handle before the readahead runs
-                fd = os.dup(handle._fd())
-            except OSError:
-                return handle
-            get_pool("readahead", READAHEAD_THREADS).submit(self._spread, lambda: fd)
+        if fresh:  # a descriptor of its own: transformers may close the handle before the readahead runs
+            self._readahead(handle.path, lambda: os.dup(handle._fd()))
         return handle
 
     def read_ahead(self, paths: Iterable[str]) -> None:
@@ -150,31 +146,26 @@ class LoadContext:
         already in the page cache the calls return at once. Once per file and load; skipped when the load would not
         fit in half of the available memory (it would evict its own pages), and when readahead is off.
 
-        The caller only hands the file to the readahead threads (one task): opening it, the memory check and the
+        The caller only opens the file and hands it to the readahead threads (one task): the memory check and the
         calls run there. On a warm load, where every page is cached already, starting them took the caller 5-10 ms
         (a fixed cost of every fast load that stock does not pay).
         """
-        if self._claim_readahead(path):
-            get_pool("readahead", READAHEAD_THREADS).submit(self._spread, open_fd)
-
-    def _claim_readahead(self, path: str) -> bool:
-        """Whether the readahead of ``path`` is to start now: readahead is on, and this load has not started it."""
         if not self.readahead or not hasattr(os, "posix_fadvise"):
-            return False
+            return
         real = os.path.realpath(path)
         with self.lock:
             if real in self._advised:
-                return False
+                return
             self._advised.add(real)
-        return True
-
-    def _spread(self, open_fd: Callable[[], int]) -> None:
-        """The readahead of one file (see :meth:`_readahead`), run on a readahead thread: its pieces go to the other
-        readahead threads."""
         try:
             fd = open_fd()
         except OSError:
             return
+        get_pool("readahead", READAHEAD_THREADS).submit(self._spread, fd)
+
+    def _spread(self, fd: int) -> None:
+        """The readahead of one open file (see :meth:`_readahead`), run on a readahead thread: its pieces go to the
+        other readahead threads; ``fd`` is closed by whichever finishes last."""
         try:
             size = os.fstat(fd).st_size
         except OSError:

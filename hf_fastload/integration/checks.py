@@ -124,26 +124,15 @@ def how_initialized(model, missing: list[str]) -> dict[str, str]:
 
 def verify(model, info: dict, ctx) -> None:
     """Raises VerificationError unless every parameter and buffer holds real data that was loaded or initialized."""
-    # one pass over the modules' own dictionaries (named_parameters builds every name: ms on a large model)
-    on_meta = any(
+    # one pass over the modules' own dictionaries first (named_parameters builds every name: ms on a large model)
+    if any(
         t is not None and t.is_meta
         for module in model.modules()
         for tensors in (module._parameters, module._buffers)
         for t in tensors.values()
-    )
-    left = (
-        [
-            name
-            for name, t in (
-                *model.named_parameters(remove_duplicate=False),
-                *model.named_buffers(remove_duplicate=False),
-            )
-            if t.is_meta
-        ]
-        if on_meta
-        else []
-    )
-    if left:
+    ):
+        tensors = (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
+        left = [name for name, t in tensors if t.is_meta]
         raise VerificationError(
             f"{type(model).__name__}: {len(left)} tensor(s) still on the meta device after loading, e.g. {left[:5]}; "
             "they were neither in the checkpoint nor initialized. The model was not returned."
