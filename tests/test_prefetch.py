@@ -1,4 +1,5 @@
-"""The readahead of a checkpoint starts at the entry of a load, before transformers imports and builds the model.
+"""With ``HF_FASTLOAD_READAHEAD=entry`` (off by default), the readahead of a checkpoint starts at the entry of a
+load, before transformers imports and builds the model.
 
 In a fresh process transformers spends seconds importing the model's code, reading the config and building the
 model before it opens a weights file; the files' names are known before all that (from the folder, its index, or
@@ -22,7 +23,9 @@ LLAMA = transformers.LlamaForCausalLM
 
 
 def _spy(monkeypatch) -> list[tuple]:
-    """Records, in order, every prefetch (with its paths), every file the load opens, and every readahead call."""
+    """Records, in order, every prefetch (with its paths), every file the load opens, and every readahead call;
+    the readahead is turned on at the entry (``HF_FASTLOAD_READAHEAD=entry``; off by default)."""
+    monkeypatch.setenv("HF_FASTLOAD_READAHEAD", "entry")
     events: list[tuple] = []
     read_ahead, open_file, advise = LoadContext.read_ahead, LoadContext.open, os.posix_fadvise
 
@@ -81,19 +84,24 @@ def test_hub_id_is_prefetched_from_the_cache_snapshot(tmp_path, monkeypatch):
     assert events[0] == ("prefetch", _weights(snapshot))
 
 
-def test_readahead_off(tmp_path, monkeypatch):
+@pytest.mark.parametrize("value", ["0", None])
+def test_readahead_off(tmp_path, monkeypatch, value):
+    """Off with ``HF_FASTLOAD_READAHEAD=0`` and by default."""
     folder = build_checkpoint("llama", str(tmp_path / "m"), torch.bfloat16)
-    monkeypatch.setenv("HF_FASTLOAD_READAHEAD", "0")
     events = _spy(monkeypatch)
+    if value is None:
+        monkeypatch.delenv("HF_FASTLOAD_READAHEAD")
+    else:
+        monkeypatch.setenv("HF_FASTLOAD_READAHEAD", value)
     hf_fastload.fast_from_pretrained(folder, model_class=LLAMA)
-    assert not [e for e in events if e[0] == "advise"]
+    assert not [e for e in events if e[0] in ("advise", "prefetch")]
 
 
 def test_readahead_when_opened(tmp_path, monkeypatch):
     """``HF_FASTLOAD_READAHEAD=open``: no prefetch at the entry; each file is read ahead once, when it is opened."""
     folder = build_checkpoint("llama", str(tmp_path / "m"), torch.bfloat16, sharded=True)
-    monkeypatch.setenv("HF_FASTLOAD_READAHEAD", "open")
     events = _spy(monkeypatch)
+    monkeypatch.setenv("HF_FASTLOAD_READAHEAD", "open")
     hf_fastload.fast_from_pretrained(folder, model_class=LLAMA)
     assert not [e for e in events if e[0] == "prefetch"]
     deadline = time.monotonic() + 10
