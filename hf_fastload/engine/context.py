@@ -141,9 +141,10 @@ class LoadContext:
         descriptor of our own (closed by whichever task finishes last).
 
         A cold file then arrives at the disk's parallel bandwidth instead of one readahead stream's (on this
-        project's VM: 2.9 s for 2 GB with ``dd``, 1.1 s from 8 threads, :func:`~hf_fastload.engine.readahead.spread`);
-        for a file already in the page cache the calls return at once. Once per file and load; skipped when the load would not
-        fit in half of the available memory (it would evict its own pages), and when readahead is off.
+        project's VM: 2 GB in 2.9 s with ``dd``, 1.1 s from 8 threads: :func:`~hf_fastload.engine.readahead.spread`);
+        for a file already in the page cache the calls return at once. Once per file and load; skipped when the load
+        would not fit in half of the available memory (it would evict its own pages), and when readahead is off (the
+        default, ``HF_FASTLOAD_READAHEAD``: on that VM it made cold loads slower).
 
         The caller only opens the file and hands it to the readahead threads (one task): the memory check and the
         calls run there. On a warm load, where every page is cached already, starting them took the caller 5-10 ms
