@@ -2,6 +2,8 @@
 
 Example:
     ```python
+    import os
+
     from hf_fastload.engine import readahead
 
     fd = os.open("model.safetensors", os.O_RDONLY)
