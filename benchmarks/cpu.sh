@@ -15,8 +15,9 @@ OUT=benchmarks/results
 DATE=$(date +%Y-%m-%d)
 mkdir -p "$OUT"
 [ -f "$CKPT/config.json" ] || "$VENVS/tf5/bin/python" benchmarks/make_checkpoint.py "$CKPT" --params 1e9 --dtype bf16
-# Warm loads depend on how the file reached the page cache (pages brought in by POSIX_FADV_WILLNEED or by several
-# threads reading at once made later mapped loads ~2x slower on the CI VM): evict it, then read it once in order.
+# Warm loads depend on how the file reached the page cache (after POSIX_FADV_WILLNEED, several threads reading at
+# once, or a cold disable_mmap load, later mapped loads were 2-3x slower on the CI VM than after one sequential
+# read): evict it, then read it once in order.
 "$VENVS/tf5/bin/python" - "$CKPT" <<'EOF'
 import glob, os, sys
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.safetensors"))):
