@@ -29,7 +29,7 @@ from .pools import get_pool
 __all__ = ["DEFAULT_WINDOW", "MAX_WINDOW", "spread", "window_bytes"]
 
 DEFAULT_WINDOW = 128 << 10  # the kernel's default readahead window (VM_READAHEAD_PAGES)
-MAX_WINDOW = 32 << 20  # no device reads more per call than this; fewer, larger calls would not help anyway
+MAX_WINDOW = 32 << 20  # calls are at most this long (a device with a larger window reads each one whole)
 
 
 def _read_kb(path: str) -> int:
